@@ -1,0 +1,1 @@
+"""BioVITA Bench: build (official layout), extract features (Ray Data), score, report."""

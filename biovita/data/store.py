@@ -1,0 +1,151 @@
+"""Read and write the Parquet media store on a local folder or an object store.
+
+Paths are URIs: a plain path, `file://`, `s3://bucket/prefix` or `gs://bucket/prefix`;
+pyarrow's filesystems resolve them (credentials from the usual environment variables).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from biovita.data.schema import SCHEMAS
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an object-store URI."""
+    uri = str(uri)
+    if not is_remote(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), str(Path(path).resolve())
+    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        # S3-compatible stores (MinIO, moto, Ceph): pyarrow needs the endpoint spelt out.
+        bucket_path = uri[len("s3://"):]
+        fs = pafs.S3FileSystem(
+            endpoint_override=os.environ["AWS_ENDPOINT_URL"],
+            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            allow_bucket_creation=True,
+        )
+        return fs, bucket_path
+    return pafs.FileSystem.from_uri(uri)
+
+
+def table_uri(root: str | os.PathLike, table: str) -> str:
+    return f"{str(root).rstrip('/')}/{table}"
+
+
+def table_files(root: str | os.PathLike, table: str) -> list[str]:
+    """The Parquet shards of one table, sorted (paths inside the filesystem)."""
+    fs, base = filesystem(table_uri(root, table))
+    info = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    return sorted(i.path for i in info if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def exists(root: str | os.PathLike) -> bool:
+    return all(table_files(root, t) for t in SCHEMAS)
+
+
+class ShardWriter:
+    """Streams rows into `root/table/part-NNNNN.parquet` shards (bounded memory)."""
+
+    def __init__(self, root: str | os.PathLike, table: str, rows_per_shard: int = 256):
+        self.schema = SCHEMAS[table]
+        self.fs, self.base = filesystem(table_uri(root, table))
+        self.fs.create_dir(self.base, recursive=True)
+        for old in table_files(root, table):
+            self.fs.delete_file(old)
+        self.rows_per_shard = max(1, rows_per_shard)
+        self.buffer: list[dict] = []
+        self.paths: list[str] = []
+        self.count = 0
+
+    def add(self, row: dict) -> None:
+        self.buffer.append(row)
+        self.count += 1
+        if len(self.buffer) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer and self.paths:
+            return
+        tbl = pa.Table.from_pylist(self.buffer, schema=self.schema)
+        path = f"{self.base}/part-{len(self.paths):05d}.parquet"
+        pq.write_table(tbl, path, filesystem=self.fs, compression="zstd")
+        self.paths.append(path)
+        self.buffer = []
+
+    def close(self) -> list[str]:
+        if self.buffer or not self.paths:  # an empty table still gets one (empty) shard
+            self.flush()
+        return self.paths
+
+
+def write_table(
+    root: str | os.PathLike, table: str, rows: Sequence[dict], rows_per_shard: int = 256
+) -> list[str]:
+    """Write rows as `root/table/part-NNNNN.parquet` shards, replacing what was there."""
+    w = ShardWriter(root, table, rows_per_shard)
+    for r in rows:
+        w.add(r)
+    return w.close()
+
+
+def read_table(
+    root: str | os.PathLike, table: str, columns: Iterable[str] | None = None
+) -> pa.Table:
+    """Read a whole table (on the driver: pass `columns` to leave the media bytes behind)."""
+    fs, _ = filesystem(table_uri(root, table))
+    files = table_files(root, table)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {table_uri(root, table)}")
+    cols = list(columns) if columns is not None else None
+    return pa.concat_tables(pq.read_table(f, columns=cols, filesystem=fs) for f in files)
+
+
+def read_schema(root: str | os.PathLike, table: str) -> pa.Schema:
+    fs, _ = filesystem(table_uri(root, table))
+    files = table_files(root, table)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {table_uri(root, table)}")
+    return pq.read_schema(files[0], filesystem=fs)
+
+
+def upload_dir(local: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy a local folder to a path or object-store URI (replacing files of the same name)."""
+    fs, dest = filesystem(str(uri))
+    fs.create_dir(dest, recursive=True)
+    pafs.copy_files(str(Path(local).resolve()), dest, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def fetch_dir(uri: str | os.PathLike, cache: str | os.PathLike | None = None) -> str:
+    """A local folder with the contents of `uri` (the folder itself when it is local)."""
+    if not is_remote(str(uri)):
+        return filesystem(str(uri))[1]
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(str(uri).encode()).hexdigest()[:16]
+    local = Path(cache or tempfile.gettempdir()) / f"biovita-fetch-{key}"
+    if not local.exists():
+        tmp = local.with_suffix(".part")
+        tmp.mkdir(parents=True, exist_ok=True)
+        fs, src = filesystem(str(uri))
+        pafs.copy_files(src, str(tmp), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        tmp.rename(local)
+    return str(local)
+
+
+def path_exists(uri: str | os.PathLike) -> bool:
+    fs, p = filesystem(str(uri))
+    return fs.get_file_info(p).type != pafs.FileType.NotFound

@@ -1,0 +1,69 @@
+"""Image front end: decode (with a decompression-bomb guard) -> RGB -> open_clip preprocess."""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from dataclasses import dataclass
+
+from biovita.errors import MediaError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageFrontEnd:
+    """The eval preprocess of an open_clip model (BioCLIP 2: 224, bicubic, shortest-side)."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+
+def decode_image(data: bytes, max_pixels: int):
+    """Encoded bytes -> RGB PIL image. Raises MediaError (never returns a placeholder)."""
+    from PIL import Image
+
+    if data is None or len(data) == 0:
+        raise MediaError("empty_file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:  # checked from the header, before any pixel is decoded
+                raise MediaError("too_large", f"{w}x{h} > {max_pixels} pixels")
+            img.load()
+    except MediaError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError("too_large", str(e)[:200]) from None
+    except Exception as e:
+        raise MediaError("undecodable", str(e)[:200]) from None
+    if w == 0 or h == 0:
+        raise MediaError("undecodable", "zero-sized image")
+    return img.convert("RGB")
+
+
+@functools.lru_cache(maxsize=4)
+def preprocess(fe: ImageFrontEnd):
+    """open_clip's own eval transform (the reference for BioCLIP 2)."""
+    import open_clip
+
+    return open_clip.image_transform(
+        fe.image_size,
+        is_train=False,
+        mean=fe.mean,
+        std=fe.std,
+        resize_mode=fe.resize_mode,
+        interpolation=fe.interpolation,
+    )
+
+
+def load_image(data: bytes, fe: ImageFrontEnd, max_pixels: int):
+    """Encoded bytes -> 3 x S x S float tensor. Raises MediaError."""
+    return preprocess(fe)(decode_image(data, max_pixels))

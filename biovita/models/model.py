@@ -1,0 +1,101 @@
+"""The tri-modal BioVITA model: open_clip image/text towers + CLAP HTS-AT audio tower + adapter."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biovita.audio import AudioFrontEnd
+from biovita.image import ImageFrontEnd
+
+
+class BioVITA(nn.Module):
+    """Embeds audio (log-mel), images (pixels) and text (tokens) into one L2-normalised space.
+
+    `arch` holds everything needed to rebuild the architecture without network access
+    (open_clip model config, CLAP audio config, front ends); it travels with checkpoints.
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        audio: nn.Module,
+        arch: dict[str, Any],
+        init_temperature: float = 0.07,
+    ):
+        super().__init__()
+        self.clip = clip
+        self.audio = audio
+        self.arch = arch
+        audio_dim = int(arch["audio_config"]["projection_dim"])
+        self.embed_dim = int(arch["clip_config"]["embed_dim"])
+        self.adapter = nn.Linear(audio_dim, self.embed_dim, bias=False)
+        # 1-element (not 0-dim) scalars: DeepSpeed cannot broadcast 0-dim parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
+        for name in ("logit_scale", "logit_bias"):
+            p = getattr(clip, name, None)
+            if isinstance(p, nn.Parameter) and p.ndim == 0:
+                setattr(clip, name, nn.Parameter(p.detach().reshape(1)))
+
+    # -- front ends -------------------------------------------------------------------------
+    @property
+    def audio_front_end(self) -> AudioFrontEnd:
+        return AudioFrontEnd(**self.arch["audio_front_end"])
+
+    @property
+    def image_front_end(self) -> ImageFrontEnd:
+        d = dict(self.arch["image_front_end"])
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return ImageFrontEnd(**d)
+
+    def tokenizer(self):
+        import open_clip
+
+        text_cfg = self.arch["clip_config"].get("text_cfg", {})
+        if text_cfg.get("hf_tokenizer_name"):
+            return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"],
+                                         context_length=text_cfg.get("context_length", 77))
+        return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+
+    # -- encoders ---------------------------------------------------------------------------
+    def audio_features(self, mel: torch.Tensor) -> torch.Tensor:
+        """Un-normalised 512-d (projection) CLAP embedding of (B, 1, T, mels) log-mels."""
+        return self.audio(input_features=mel).audio_embeds
+
+    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.adapter(self.audio_features(mel)), dim=-1)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(pixels), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+
+    def forward(self, mel=None, pixels=None, tokens=None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"logit_scale": self.logit_scale.exp()}
+        if mel is not None:
+            out["audio"] = self.encode_audio(mel)
+        if pixels is not None:
+            out["image"] = self.encode_image(pixels)
+        if tokens is not None:
+            out["text"] = self.encode_text(tokens)
+        return out
+
+    # -- parameter groups by tower (used by the freeze plan and the optimizer) --------------
+    def image_parameters(self):
+        return self.clip.visual.parameters()
+
+    def text_parameters(self):
+        visual = {id(p) for p in self.clip.visual.parameters()}
+        # open_clip's own logit scale belongs to stage 0 (the image-text base model)
+        return [p for n, p in self.clip.named_parameters() if id(p) not in visual]
+
+    def upper_audio_modules(self) -> list[nn.Module]:
+        """Projection, final norm and the last transformer block of HTS-AT (stage-2 unfreeze)."""
+        enc = self.audio.audio_model.audio_encoder
+        mods: list[nn.Module] = [self.audio.audio_projection, enc.norm, enc.layers[-1]]
+        return mods

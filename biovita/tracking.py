@@ -1,0 +1,121 @@
+"""MLflow tracking: one parent run per job (or sweep), one child run per stage (or trial).
+
+Uses MlflowClient with explicit run ids, so the driver owns the runs' life cycle and rank 0 of
+any worker can log into them; a resumed job finds its unfinished parent run by name.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+TAG_RUN_NAME = "biovita.run_name"
+TAG_STAGE = "biovita.stage"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def resolve_tracking_uri(uri: str = "") -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        uri = f"sqlite:///{Path(rel).resolve()}"  # workers run elsewhere: make it absolute
+    return uri
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:"):
+        # a relative default artifact root would resolve inside each Ray worker's directory
+        db = Path(uri[len("sqlite:///"):])
+        artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except Exception:
+        return ""
+
+
+def find_or_create_run(
+    client: MlflowClient, exp_id: str, run_name: str, tags: dict[str, str], parent_id: str | None = None,
+    reuse: bool = True,
+) -> str:
+    """The unfinished run with these tags (a resumed job), else a new one."""
+    if reuse:
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if parent_id:
+            clauses.append(f"tags.`{PARENT_TAG}` = '{parent_id}'")
+        for run in client.search_runs([exp_id], " and ".join(clauses), max_results=5):
+            if parent_id or run.info.status != "FINISHED":
+                client.update_run(run.info.run_id, status="RUNNING")
+                return run.info.run_id
+    all_tags = dict(tags)
+    if parent_id:
+        all_tags[PARENT_TAG] = parent_id
+    return client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
+
+
+class RunLogger:
+    """Thin, picklable logger for one MLflow run (used on the driver and on rank 0)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def __getstate__(self):
+        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
+        if ms:
+            self.client.log_batch(self.run_id, metrics=ms)
+
+    def params(self, values: dict[str, Any]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        ps = [Param(k, str(v)[:6000]) for k, v in values.items() if k not in existing]
+        for i in range(0, len(ps), 100):
+            self.client.log_batch(self.run_id, params=ps[i:i + 100])
+
+    def tags(self, values: dict[str, str]) -> None:
+        for k, v in values.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def artifact(self, path: str | os.PathLike, subdir: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), subdir)
+        else:
+            self.client.log_artifact(self.run_id, str(p), subdir)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    @property
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+
+__all__ = ["RunLogger", "RunStatus", "resolve_tracking_uri", "experiment_id", "find_or_create_run",
+           "git_commit", "TAG_RUN_NAME", "TAG_STAGE"]

@@ -1,0 +1,26 @@
+"""Consolidated model export at a stage end (the safetensors format of biovita.models)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import ray.train
+import torch.distributed as dist
+
+from biovita.data.store import upload_dir
+from biovita.models.checkpoint import save_model
+
+
+def export_consolidated(eng, module, export_to: str, stage: str, state: dict, metrics: dict) -> None:
+    """All ranks gather ZeRO-3 shards; rank 0 writes the model to `export_to` (path or URI)."""
+    rank = ray.train.get_context().get_world_rank()
+    with eng.gathered(module.parameters()):
+        if rank == 0:
+            meta = {"stage": stage, "step": state["step"],
+                    "baseline_atc": state.get("baseline_atc"),
+                    "metrics": {k: float(v) for k, v in metrics.items()}}
+            with tempfile.TemporaryDirectory() as d:
+                save_model(module, d, metadata=meta)
+                upload_dir(d, export_to)
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,59 @@
+"""Shared fixtures: one synthetic store and one local Ray instance per test session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Ray's default temp dir can be unusable in sandboxes; DeepSpeed JIT cache kept across runs.
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="biovita-ray-"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "biovita-torch-ext"))
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEST_SPECIES = 16
+
+
+@pytest.fixture(scope="session")
+def synth_store(tmp_path_factory) -> tuple[Path, dict]:
+    """A small synthetic store (16 species) and its manifest."""
+    from biovita.data.synth import make_synthetic
+
+    root = tmp_path_factory.mktemp("store")
+    manifest = make_synthetic(root, n_species=TEST_SPECIES, seed=0, train_clips=(2, 8),
+                              train_images=(3, 7), test_clips=2, test_images=2, rows_per_shard=40)
+    return root, manifest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (4 logical CPUs on 2 cores: Ray Data's
+    decode tasks must be schedulable next to the training workers)."""
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=int(6e8), include_dashboard=True,
+             namespace="biovita-tests", log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from biovita.models.factory import create_model
+
+    return create_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model) -> str:
+    from biovita.models.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model(tiny_model, path, metadata={"stage": "test"})
+    return str(path)

@@ -1,0 +1,96 @@
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from biovita.audio import AudioFrontEnd, crop_or_pad, decode_audio, load_clip, log_mel, onset_start
+from biovita.errors import MediaError
+
+# Golden tolerance against transformers' ClapFeatureExtractor: max |delta| in dB.
+GOLDEN_TOL_DB = 1e-2
+
+
+def _clip(sr=48_000, seconds=10.0, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(sr * seconds)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 1500 * t) * (np.sin(2 * np.pi * 3 * t) > 0) + 0.01 * rng.standard_normal(len(t))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("truncation", ["rand_trunc", "fusion"])
+def test_log_mel_matches_clap_feature_extractor(truncation):
+    """Golden test: our torchaudio front end == the checkpoint's ClapFeatureExtractor."""
+    from transformers import ClapFeatureExtractor
+
+    cfg = {"sampling_rate": 48000, "feature_size": 64, "fft_window_size": 1024, "hop_length": 480,
+           "frequency_min": 50, "frequency_max": 14000, "max_length_s": 10, "truncation": truncation,
+           "padding": "repeatpad"}
+    fx = ClapFeatureExtractor(**{k: v for k, v in cfg.items() if k != "max_length_s"})
+    fe = AudioFrontEnd.from_preprocessor_config(cfg)
+    wave = _clip()
+    ref = fx(wave, sampling_rate=48000, return_tensors="np")["input_features"][0, 0]
+    ours = log_mel(fe)(wave)[0, 0].numpy()
+    assert ours.shape == ref.shape == (1001, 64)
+    assert np.abs(ours - ref).max() < GOLDEN_TOL_DB
+
+
+def test_mel_flavour_matters():
+    """The HTK (fusion) and Slaney (rand_trunc) banks differ: settings must come from the checkpoint."""
+    wave = _clip()
+    a = log_mel(AudioFrontEnd(truncation="rand_trunc"))(wave)
+    b = log_mel(AudioFrontEnd(truncation="fusion"))(wave)
+    assert (a - b).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("fmt,subtype,sr,channels", [
+    ("WAV", "PCM_16", 16000, 1), ("FLAC", None, 44100, 2), ("OGG", "VORBIS", 32000, 1),
+    ("MP3", "MPEG_LAYER_III", 22050, 2)])
+def test_decode_formats_to_fixed_length(fmt, subtype, sr, channels):
+    x = _clip(sr, 3.0)
+    if channels == 2:
+        x = np.stack([x, 0.5 * x], axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format=fmt, **({"subtype": subtype} if subtype else {}))
+    wave, got_sr = decode_audio(buf.getvalue())
+    assert got_sr == sr and wave.shape[0] == channels
+    fe = AudioFrontEnd()
+    clip = load_clip(buf.getvalue(), fe, "onset")
+    assert clip.shape == (480_000,)
+    assert np.abs(clip[300_000:]).max() == 0  # 3 s of audio, zero-padded (not looped)
+
+
+def test_crop_modes():
+    sr = 1000
+    x = np.zeros(20 * sr, np.float32)
+    x[5000:5100] = 1.0  # onset at 5 s
+    assert onset_start(x, sr) == 5000 - 200
+    onset = crop_or_pad(x, 10 * sr, "onset", sr)
+    assert onset[200] == 1.0 and len(onset) == 10 * sr
+    rng = np.random.default_rng(0)
+    starts = {int(np.argmax(crop_or_pad(np.arange(20 * sr, dtype=np.float32), 10 * sr, "random", sr, rng) >= 0) or
+                  crop_or_pad(np.arange(20 * sr, dtype=np.float32), 10 * sr, "random", sr, rng)[0]) for _ in range(5)}
+    assert len(starts) > 1  # random crops move
+    short = crop_or_pad(np.ones(300, np.float32), 1000, "random", sr)
+    assert short[:300].sum() == 300 and short[300:].sum() == 0
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty_file"),
+    (b"<html><body>404</body></html>", "undecodable"),
+    (bytes(range(256)) * 10, "undecodable"),
+])
+def test_bad_audio_raises_with_reason(data, reason):
+    with pytest.raises(MediaError) as e:
+        load_clip(data, AudioFrontEnd(), "onset")
+    assert e.value.reason == reason
+
+
+def test_non_finite_audio_is_rejected():
+    buf = io.BytesIO()
+    x = np.zeros(1000, np.float32)
+    x[10] = np.inf
+    sf.write(buf, x, 16000, format="WAV", subtype="FLOAT")
+    with pytest.raises(MediaError) as e:
+        load_clip(buf.getvalue(), AudioFrontEnd(), "onset")
+    assert e.value.reason == "non_finite"
