@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+
+from biovita import schedules
+from biovita.config import Stage2Config
+
+S2 = Stage2Config()
+
+
+def test_ramps_follow_method():
+    assert schedules.linear_ramp(0, 600, 0.1) == 0
+    assert schedules.linear_ramp(300, 600, 0.1) == pytest.approx(0.05)
+    assert schedules.linear_ramp(600, 600, 0.1) == pytest.approx(0.1)
+    assert schedules.linear_ramp(5000, 600, 0.1) == pytest.approx(0.1)
+    w = schedules.phase2_weights(150, S2, gate_open=True)
+    assert (w.lam_av, w.lam_vt) == (pytest.approx(0.025), pytest.approx(0.05))
+    assert schedules.phase2_weights(150, S2, gate_open=False).lam_av == 0
+
+
+def test_baseline_is_mean_of_last_batches():
+    m = schedules.BaselineMeter(n=20)
+    for v in range(30):
+        m.add(float(v))
+    assert m.value == pytest.approx(sum(range(10, 30)) / 20)
+
+
+def test_gate_closes_above_103_and_reopens_after_20_calm_steps():
+    g = schedules.ATCGate(baseline=1.0)
+    assert g.update(1.0) and g.ema == 1.0
+    # EMA (alpha 0.2) crosses 1.03 only after a few high steps
+    opens = [g.update(1.2) for _ in range(3)]
+    assert g.ema == pytest.approx(1.0 * 0.8 ** 3 + 1.2 * (1 - 0.8 ** 3))
+    assert opens[-1] is False
+    # back to baseline: EMA decays to <= 1.015, then 20 consecutive calm steps
+    steps = 0
+    while not g.update(1.0):
+        steps += 1
+        assert steps < 100
+    calm_needed = 20
+    assert steps >= calm_needed - 1
+    # a calm streak broken by a spike restarts the count
+    g2 = schedules.ATCGate(baseline=1.0, ema=1.5, open=False)
+    for _ in range(15):
+        g2.update(0.5)
+    g2.update(3.0)
+    assert not g2.open and g2.calm_steps == 0
+    state = g.state_dict()
+    assert schedules.ATCGate.from_state(state) == g
+
+
+def test_guard_term():
+    assert schedules.guard(torch.tensor(1.0), 1.0).item() == 0
+    assert schedules.guard(torch.tensor(1.13), 1.0).item() == pytest.approx(2 * 0.1)
+
+
+def test_phase2_loss_composition():
+    w = schedules.Phase2Weights(0.1, 0.05, True)
+    loss = schedules.phase2_loss(torch.tensor(2.0), torch.tensor(3.0), torch.tensor(4.0), 1.5, w, S2)
+    assert loss.item() == pytest.approx(2.0 + 0.3 + 0.2 + 2 * (2.0 - 1.03 * 1.5))
+
+
+def test_freeze_plan_by_stage_and_step():
+    assert "image" not in set().union(*(schedules.trainable_groups(s) for s in schedules.STAGES[1:]))
+    assert "text" not in schedules.trainable_groups("stage1")
+    assert "text" not in schedules.trainable_groups("stage2.phase1")
+    assert "text" in schedules.trainable_groups("stage2.phase2")
+    assert "audio" in schedules.trainable_groups("stage1")
+    assert "audio" not in schedules.trainable_groups("stage2.phase2")
+    assert not schedules.group_active("audio_upper", "stage2.phase2", 299, S2)
+    assert schedules.group_active("audio_upper", "stage2.phase2", 300, S2)
+    assert not schedules.group_active("logit_scale", "stage2.phase2", 599, S2)
+    assert schedules.group_active("logit_scale", "stage2.phase2", 600, S2)
+    assert schedules.group_active("audio_upper", "stage2.phase1", 0, S2)
+
+
+def test_param_groups_lr_decay_and_requires_grad(tiny_model):
+    model = tiny_model
+    groups = schedules.param_groups(model, "stage2.phase2", 1e-4, 0.05, S2)
+    by = {g["name"]: g for g in groups}
+    assert by["text.decay"]["lr"] == 5e-6 and by["text.decay"]["weight_decay"] == 0.01
+    assert by["adapter.decay"]["lr"] == 1e-4 and by["adapter.decay"]["weight_decay"] == 0.05
+    assert by["audio_upper.decay"]["lr"] == 1e-5 and by["audio_upper.decay"]["weight_decay"] == 0.02
+    assert by["logit_scale.no_decay"]["weight_decay"] == 0
+    assert all(g["weight_decay"] == 0 for n, g in by.items() if n.endswith("no_decay"))
+    # norms and biases never decay
+    nd = {id(p) for g in groups if g["name"].endswith("no_decay") for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad and (name.endswith(".bias") or "norm" in name):
+            assert id(p) in nd, name
+    assert not any(p.requires_grad for p in model.image_parameters())
+    rest = [p for n, p in schedules.named_groups(model)["audio"]]
+    assert rest and not any(p.requires_grad for p in rest)
+    # every parameter is in exactly one role
+    roles = schedules.named_groups(model)
+    assert sum(len(v) for v in roles.values()) == len(list(model.parameters()))
+
+    opt = torch.optim.AdamW(groups)
+    schedules.apply_group_schedule(opt, "stage2.phase2", 10, S2)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["audio_upper.decay"] == 0 and lrs["logit_scale.no_decay"] == 0 and lrs["text.decay"] == 5e-6
+    schedules.apply_group_schedule(opt, "stage2.phase2", 600, S2)
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["audio_upper.decay"] == 1e-5
+
+    schedules.param_groups(model, "stage1", 1e-4, 0.05, S2)
+    assert all(p.requires_grad for p in model.audio.parameters())
+    assert not any(p.requires_grad for p in model.text_parameters())
+
+
+def test_logit_scale_reset():
+    p = torch.nn.Parameter(torch.tensor([4.6]))
+    schedules.reset_logit_scale(p, 0.2)
+    assert p.item() == pytest.approx(math.log(5))
