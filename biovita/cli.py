@@ -52,7 +52,7 @@ def _train(a) -> int:
 
 
 def _tune(a) -> int:
-    from biovita.tune_sweep import main
+    from biovita.train.sweep import main
 
     return main(a.rest, prog="biovita tune")
 

@@ -84,7 +84,13 @@ def test_known_topk_and_skips(handmade):
 def test_malformed_files_name_file_and_row(handmade):
     bench, feats = handmade
     p = bench / "species" / "test_audio_to_text.csv"
-    p.write_text(p.read_text().replace('["T0", "T1", "T2"]', '["T0", "T1"', 1))
+    with open(p, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["candidates_taxa"] = '["T0", "T1"'  # truncated JSON in the first data row
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
     with pytest.raises(BenchmarkError, match=r"test_audio_to_text.csv, row 2: malformed JSON"):
         score_benchmark(bench, feats)
     (bench / "genus" / "test_image_to_text.csv").unlink()

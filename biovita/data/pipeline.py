@@ -54,9 +54,15 @@ class MediaStats:
         self.__init__()
 
 
+_HANDLES: dict[str, Any] = {}
+
+
 def media_stats(name: str = STATS_ACTOR):
-    """The named stats actor; the driver creates it (and owns it: it ends with the job)."""
-    return MediaStats.options(name=name, get_if_exists=True).remote()
+    """The named stats actor; the driver creates it and owns it (it ends with the job). The
+    handle is kept here: a named actor whose last handle goes away is destroyed."""
+    if name not in _HANDLES:
+        _HANDLES[name] = MediaStats.options(name=name, get_if_exists=True).remote()
+    return _HANDLES[name]
 
 
 def bad_media_counts(name: str = STATS_ACTOR) -> dict[str, Any]:
@@ -293,7 +299,7 @@ class TorchCollate(NumpyBatchCollateFn):
         out: dict[str, Any] = {}
         for k, v in batch.items():
             if v.dtype.kind in "fiub":
-                out[k] = torch.as_tensor(v)
+                out[k] = torch.from_numpy(np.array(v))  # Ray's buffers are read-only: copy
             else:
                 out[k] = [str(x) for x in v]
         return out

@@ -33,6 +33,9 @@ def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         fs = pafs.S3FileSystem(
             endpoint_override=os.environ["AWS_ENDPOINT_URL"],
             region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            # explicit keys travel with the (pickled) filesystem into Ray tasks
+            access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
             allow_bucket_creation=True,
         )
         return fs, bucket_path

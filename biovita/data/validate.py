@@ -60,6 +60,9 @@ def validate_store(root: str, json_out: str | None = None, echo: bool = True) ->
             report[table] = {"good": good}
         snap = bad_media_counts(name)
     finally:
+        from biovita.data.pipeline import _HANDLES
+
+        _HANDLES.pop(name, None)
         ray.kill(stats)
     for table in MEDIA_TABLES:
         reasons = snap["bad"].get(table, {})

@@ -11,6 +11,7 @@ checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +31,15 @@ from biovita.data.pipeline import (
     image_dataset,
     media_stats,
 )
-from biovita.data.store import exists, fetch_dir, is_remote, path_exists, read_table, upload_dir
+from biovita.data.store import (
+    exists,
+    fetch_dir,
+    filesystem,
+    is_remote,
+    path_exists,
+    read_table,
+    upload_dir,
+)
 from biovita.embed import collect_embeddings, embed_dataset, front_ends
 from biovita.tracking import (
     TAG_RUN_NAME,
@@ -64,6 +73,13 @@ def stage_done(cfg: Config, stage: str) -> bool:
 def stage_params(cfg: Config, stage: str) -> StageConfig:
     return {"stage0": cfg.stage0, "stage1": cfg.stage1, "stage2.phase1": cfg.stage2.phase1,
             "stage2.phase2": cfg.stage2.phase2}[stage]
+
+
+def trained_taxa(root: str) -> list[dict]:
+    """The species a run trains on (taxonomy only): stored with every exported model."""
+    cols = ["class", "order", "family", "genus", "scientific_name", "common_name", "seen"]
+    return [{k: v for k, v in r.items() if k != "seen"}
+            for r in read_table(root, "taxa", columns=cols).to_pylist() if r["seen"]]
 
 
 def dataset_fingerprint(root: str) -> str:
@@ -159,7 +175,8 @@ class Tracker:
 
 
 def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=None,
-              baseline_atc: float | None = None) -> str:
+              baseline_atc: float | None = None, callbacks: list | None = None,
+              report_every_log: bool = False, worker_env: dict[str, str] | None = None) -> str:
     """Train one stage/phase with a TorchTrainer; returns the consolidated model's URI."""
     out = model_uri(cfg, stage)
     if stage_done(cfg, stage):
@@ -180,10 +197,12 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
     loop_cfg = {
         "config": cfg.to_dict(), "stage": stage, "stage_params": asdict(st),
         "steps_per_epoch": steps, "init_checkpoint": init, "export_to": out,
-        "baseline_atc": baseline_atc,
+        "baseline_atc": baseline_atc, "taxa": trained_taxa(cfg.data.root),
         "mlflow": {"uri": child.uri, "run_id": child.run_id} if child else None,
+        "report_every_log": report_every_log,
     }
     use_gpu = cfg.train.use_gpu
+    fs, storage = filesystem(run_dir(cfg) + "/ray")  # resolves s3:// endpoints (MinIO, moto)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -195,8 +214,11 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
         dataset_config=DataConfig(datasets_to_split="all"),
         run_config=RunConfig(
             name=f"{cfg.train.run_name}-{stage.replace('.', '-')}",
-            storage_path=run_dir(cfg) + "/ray",
+            storage_path=storage,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": {**forwarded_env(), **(worker_env or {})}},
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute="step",
                                                checkpoint_score_order="max"),
@@ -215,6 +237,16 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
     if not stage_done(cfg, stage):
         raise RuntimeError(f"{stage} finished without exporting a model to {out}")
     return out
+
+
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI",
+                 "GOOGLE_APPLICATION_CREDENTIALS", "HF_HUB_OFFLINE", "HF_HOME")
+
+
+def forwarded_env() -> dict[str, str]:
+    """Storage and tracking settings of the driver, passed on to the training workers."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
 def save_init(cfg: Config) -> str:

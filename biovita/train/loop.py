@@ -197,7 +197,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             eng.save(d, dict(state))
             if final:
-                export_consolidated(eng, module, loop_cfg["export_to"], stage, state, metrics)
+                export_consolidated(eng, module, loop_cfg["export_to"], stage, state, metrics,
+                                    loop_cfg.get("taxa"))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     window: dict[str, list[float]] = {}
@@ -259,6 +260,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                         except Exception:
                             pass
                         logger.metrics(last_metrics, step=state["step"])
+                if loop_cfg.get("report_every_log") and not (
+                        cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0):
+                    ray.train.report({**last_metrics, "step": state["step"]})  # for Tune's ASHA
             if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0 \
                     and state["step"] < total_steps:
                 save_and_report({**last_metrics, "step": state["step"]})

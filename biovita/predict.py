@@ -1,0 +1,175 @@
+"""Identify a species from a recording or a photo (pybioclip-style), and bulk embeddings.
+
+    from biovita import Predictor
+    Predictor("runs/embedded/models/stage2.phase2").predict(["call.mp3", "frog.jpg"], rank="genus", k=3)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from biovita.errors import MediaError
+
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3"}
+TAXON_FIELDS = ("class", "order", "family", "genus", "scientific_name", "common_name")
+
+
+class Rank(str, Enum):
+    SPECIES = "species"
+    GENUS = "genus"
+    FAMILY = "family"
+
+
+_LEVEL_COL = {"species": "scientific_name", "genus": "genus", "family": "family"}
+
+
+def read_taxa_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    need = {"class", "order", "family", "genus", "scientific_name"}
+    if not rows or not need <= rows[0].keys():
+        raise ValueError(f"{path}: a taxa CSV needs the columns {', '.join(sorted(need))}")
+    return [{k: r.get(k, "") or "" for k in TAXON_FIELDS} for r in rows]
+
+
+class Predictor:
+    """Ranks the taxa of a label set for audio or image files."""
+
+    def __init__(self, checkpoint: str | Path, taxa_csv: str | Path | None = None,
+                 taxa: Sequence[dict] | None = None):
+        from biovita.models.checkpoint import load_model
+
+        self.checkpoint = Path(checkpoint)
+        self.model = load_model(self.checkpoint)
+        if taxa is None and taxa_csv:
+            taxa = read_taxa_csv(taxa_csv)
+        if taxa is None:
+            taxa = self.model.checkpoint_metadata.get("taxa")
+        if not taxa:
+            raise ValueError(f"{checkpoint} records no taxa; pass a taxa CSV (--taxa)")
+        self.taxa = [{k: str(t.get(k, "") or "") for k in TAXON_FIELDS} for t in taxa]
+        self._labels: dict[str, tuple[list[dict], np.ndarray]] = {}
+
+    # -- label embeddings, cached next to the checkpoint -------------------------------------
+    def labels(self, rank: str) -> tuple[list[dict], np.ndarray]:
+        if rank in self._labels:
+            return self._labels[rank]
+        from biovita.embed import embed_texts
+
+        col = _LEVEL_COL[rank]
+        keep = [f for f in TAXON_FIELDS[: TAXON_FIELDS.index(col) + 1]]
+        if rank == "species":
+            keep.append("common_name")
+        uniq: dict[str, dict] = {}
+        for t in self.taxa:
+            uniq.setdefault(t[col], {k: t[k] for k in keep})
+        names = sorted(uniq)
+        key = hashlib.sha1(json.dumps([rank, names]).encode()).hexdigest()[:12]
+        cache = self.checkpoint / f"labels_{rank}_{key}.npy"
+        if cache.is_file():
+            emb = np.load(cache, allow_pickle=False)
+        else:
+            emb = embed_texts(self.model, names)
+            try:
+                np.save(cache, emb)
+            except OSError:  # read-only checkpoint folder: just do not cache
+                pass
+        self._labels[rank] = ([uniq[n] for n in names], emb)
+        return self._labels[rank]
+
+    # -- media -----------------------------------------------------------------------------
+    def embed_file(self, path: str | Path) -> tuple[str, np.ndarray]:
+        import torch
+
+        from biovita.audio import load_clip, log_mel
+        from biovita.image import load_image
+
+        data = Path(path).read_bytes()
+        with torch.no_grad():
+            if Path(path).suffix.lower() in AUDIO_EXTS:
+                fe = self.model.audio_front_end
+                mel = log_mel(fe)(load_clip(data, fe, "onset"))
+                return "audio", self.model.encode_audio(mel)[0].numpy()
+            px = load_image(data, self.model.image_front_end, 50_000_000)[None]
+            return "image", self.model.encode_image(px)[0].numpy()
+
+    def predict(self, paths: Sequence[str | Path] | str, rank: str | Rank = Rank.SPECIES,
+                k: int = 5) -> list[dict]:
+        """One dict per (file, candidate), best first: taxonomy, score, rank position."""
+        rank = Rank(rank).value
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        labels, emb = self.labels(rank)
+        rows = []
+        for p in paths:
+            try:
+                modality, v = self.embed_file(p)
+            except MediaError as e:
+                print(f"{p}: skipped ({e.reason})", file=sys.stderr)
+                continue
+            sims = emb @ v
+            for pos, i in enumerate(np.argsort(-sims)[:k]):
+                rows.append({"file": str(p), "modality": modality, "rank": pos + 1, **labels[i],
+                             "score": float(sims[i])})
+        return rows
+
+    @staticmethod
+    def print_rows(rows: list[dict], fmt: str = "table", out=None) -> None:
+        out = out or sys.stdout
+        if not rows:
+            return
+        cols = list(rows[0].keys())
+        if fmt == "csv":
+            w = csv.DictWriter(out, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+            return
+        widths = {c: max(len(c), *(len(f"{r[c]:.4f}" if c == "score" else str(r[c])) for r in rows))
+                  for c in cols}
+        print("  ".join(c.ljust(widths[c]) for c in cols), file=out)
+        for r in rows:
+            print("  ".join((f"{r[c]:.4f}" if c == "score" else str(r[c])).ljust(widths[c])
+                            for c in cols), file=out)
+
+
+def embed_to_parquet(checkpoint: str, out: str, data: str | None = None,
+                     files: Sequence[str] | None = None) -> int:
+    """Embeddings of a whole store (audio + image tables) or of files, on Ray Data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from biovita.data.pipeline import files_dataset, init_ray
+    from biovita.embed import decode_for_embedding, embed, embed_dataset
+
+    init_ray()
+    tables = []
+    for modality in ("audio", "image"):
+        if data:
+            ds = embed_dataset(checkpoint, data, modality)
+        else:
+            chosen = [f for f in files or []
+                      if (Path(f).suffix.lower() in AUDIO_EXTS) == (modality == "audio")]
+            if not chosen:
+                continue
+            rows = [{"id": str(Path(f).resolve()), "file_path": str(Path(f).resolve())} for f in chosen]
+            ds = embed(decode_for_embedding(files_dataset(rows), checkpoint, modality), checkpoint, modality)
+        for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            n = len(b["id"])
+            tables.append(pa.table({
+                "id": pa.array([str(i) for i in b["id"]]),
+                "modality": pa.array([modality] * n),
+                "species_id": pa.array(b["species_id"].astype(np.int32) if "species_id" in b else [-1] * n,
+                                       pa.int32()),
+                "embedding": pa.array(list(b["embedding"].astype(np.float32)), pa.list_(pa.float32())),
+            }))
+    table = pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string())})
+    pq.write_table(table, out)
+    return table.num_rows

@@ -1,0 +1,362 @@
+"""Ray Tune sweeps of temperature, loss weights and learning rates (Train V2 pattern).
+
+Each trial is a driver function that builds and fits the stage TorchTrainers (DeepSpeed inside)
+with `TuneReportCallback`, so ASHA sees the in-batch retrieval Top-1 reported during training.
+MLflow: one parent run for the sweep, one child run per trial; the best trial's config is
+written as a YAML file that `python ray_jobs/train.py --config` accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from biovita.config import REPO_ROOT, Config, ConfigError, load_config, save_config
+
+DEFAULT_SPACE = REPO_ROOT / "tune" / "spaces" / "default.yaml"
+SEARCHERS = ("random", "grid", "optuna")
+KINDS = ("uniform", "loguniform", "choice", "grid")
+
+
+@dataclass
+class SweepSpec:
+    base_config: str = str(REPO_ROOT / "configs" / "default.yaml")
+    overrides: list[str] = field(default_factory=list)  # applied to the base config
+    stages: list[str] = field(default_factory=lambda: ["stage1", "stage2.phase1", "stage2.phase2"])
+    metric: str = "top1_batch"
+    mode: str = "max"
+    searcher: str = "random"
+    num_samples: int = 4
+    max_concurrent_trials: int = 0  # 0 = from the cluster's CPUs/GPUs
+    seed: int = 0
+    asha: dict = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    name: str = "biovita-sweep"
+    storage_path: str = "runs/sweeps"
+    params: dict[str, dict] = field(default_factory=dict)
+
+
+def load_space(path: str | os.PathLike, extra_overrides: list[str] = ()) -> tuple[SweepSpec, Config]:
+    """Read and validate a search space; every error is raised before any trial starts."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    known = set(SweepSpec.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"sweep.{unknown[0]}: unknown key (valid: {', '.join(sorted(known))})")
+    spec = SweepSpec(**raw)
+    spec.overrides = list(spec.overrides) + list(extra_overrides)
+    base = load_config(spec.base_config, spec.overrides)
+    flat = base.flat()
+    if not spec.params:
+        raise ConfigError("sweep.params: the search space is empty")
+    if spec.searcher not in SEARCHERS:
+        raise ConfigError(f"sweep.searcher: must be one of {', '.join(SEARCHERS)}")
+    if spec.mode not in ("max", "min"):
+        raise ConfigError("sweep.mode: must be max or min")
+    if spec.num_samples < 1:
+        raise ConfigError("sweep.num_samples: must be >= 1")
+    for st in spec.stages:
+        if st not in ("stage1", "stage2.phase1", "stage2.phase2"):
+            raise ConfigError(f"sweep.stages: unknown stage {st!r}")
+    for name, dist in spec.params.items():
+        key = f"sweep.params.{name}"
+        if name not in flat:
+            raise ConfigError(f"{key}: not a config parameter (e.g. stage1.lr, model.init_temperature)")
+        kind = dist.get("type")
+        if kind not in KINDS:
+            raise ConfigError(f"{key}.type: must be one of {', '.join(KINDS)}")
+        if kind in ("uniform", "loguniform"):
+            lo, hi = dist.get("low"), dist.get("high")
+            if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)) or not lo < hi:
+                raise ConfigError(f"{key}: empty range (need low < high, got {lo!r}, {hi!r})")
+            if kind == "loguniform" and lo <= 0:
+                raise ConfigError(f"{key}: loguniform needs low > 0")
+        else:
+            values = dist.get("values")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{key}: empty list of values")
+        # each value must also make a valid config
+        for v in _extremes(dist):
+            try:
+                load_config(spec.base_config, spec.overrides + [f"{name}={v}"])
+            except ConfigError as e:
+                raise ConfigError(f"{key}: value {v!r} gives an invalid config ({e})") from None
+    return spec, base
+
+
+def _extremes(dist: dict) -> list:
+    return [dist["low"], dist["high"]] if "low" in dist else list(dist["values"])
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for name, d in spec.params.items():
+        if d["type"] == "uniform":
+            out[name] = tune.uniform(d["low"], d["high"])
+        elif d["type"] == "loguniform":
+            out[name] = tune.loguniform(d["low"], d["high"])
+        elif d["type"] == "choice":
+            out[name] = tune.choice(d["values"])
+        else:
+            out[name] = tune.grid_search(d["values"])
+    return out
+
+
+def trial_config(base: Config, params: dict[str, Any], trial_id: str, storage: str) -> Config:
+    from biovita.config import config_from_dict
+
+    d = copy.deepcopy(base.to_dict())
+    for name, v in params.items():
+        node = d
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    cfg = config_from_dict(d).validate()
+    cfg.train.run_name = f"trial-{trial_id}"
+    cfg.train.storage_path = storage
+    cfg.train.max_failures = 0
+    return cfg
+
+
+def make_driver_fn(base: Config, spec: SweepSpec, init_model: str, storage: str, mlflow: dict):
+    """The Tune trainable: one trial = the chosen stages, each a TorchTrainer."""
+
+    def driver_fn(params: dict) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from biovita.train.driver import Tracker, image_embeddings, run_stage
+        from biovita.tracking import RunLogger, find_or_create_run
+
+        trial_id = tune.get_context().get_trial_id()
+        cfg = trial_config(base, params, trial_id, storage)
+        logger = None
+        if mlflow:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(mlflow["uri"])
+            rid = find_or_create_run(client, mlflow["exp"], f"trial-{trial_id}",
+                                     {"biovita.trial": trial_id}, parent_id=mlflow["parent"])
+            logger = RunLogger(mlflow["uri"], rid)
+            logger.params(params)
+        tracker = _TrialTracker(logger)
+        last, emb = init_model, None
+        callbacks = [TuneReportCallback()]
+        for stage in spec.stages:
+            if stage.startswith("stage2") and emb is None:
+                emb = image_embeddings(cfg, last)
+            baseline = None
+            if stage == "stage2.phase2":
+                from biovita.data.store import fetch_dir
+                from biovita.models.checkpoint import read_meta
+
+                baseline = read_meta(fetch_dir(last))["metadata"].get("baseline_atc")
+            last = run_stage(cfg, stage, last, tracker, emb, baseline, callbacks=callbacks,
+                             report_every_log=True)
+        if logger:
+            logger.tags({"biovita.final_model": last})
+            logger.end()
+
+    return driver_fn
+
+
+class _TrialTracker:
+    """Lets run_stage log every stage of a trial into the trial's one MLflow run."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def child(self, stage: str):
+        return _NoEnd(self.logger) if self.logger else None
+
+
+class _NoEnd:
+    def __init__(self, logger):
+        self._l = logger
+        self.uri, self.run_id = logger.uri, logger.run_id
+
+    def __getattr__(self, name):
+        return getattr(self._l, name)
+
+    def end(self, status: str = "FINISHED") -> None:  # the trial ends its run itself
+        if status != "FINISHED":
+            self._l.end(status)
+
+
+def concurrent_trials(cfg: Config) -> int:
+    import ray
+
+    res = ray.cluster_resources()
+    per = cfg.train.num_workers * (1 if cfg.train.use_gpu else cfg.train.cpus_per_worker)
+    key = "GPU" if cfg.train.use_gpu else "CPU"
+    # keep a CPU per trial for Ray Data decoding
+    need = per + (0 if cfg.train.use_gpu else 1)
+    return max(1, int(res.get(key, 1) // need))
+
+
+def run_sweep(spec: SweepSpec, base: Config) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from biovita.data.pipeline import init_ray
+    from biovita.tracking import RunLogger, experiment_id, find_or_create_run, resolve_tracking_uri
+    from biovita.train.driver import Tracker, ensure_data, run_stage, save_init
+
+    t0 = time.time()
+    ensure_data(base)
+    init_ray(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=int(1e9))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
+    # trial-independent base: the init weights and (embedded run) the stage-0 image-text model
+    shared = copy.deepcopy(base)
+    shared.train.run_name = f"{spec.name}-shared"
+    shared.train.storage_path = storage
+    shared.mlflow.enabled = False
+    init = save_init(shared)
+    from biovita.models.registry import MODEL_CONFIGS
+
+    if shared.stage0.enabled and not MODEL_CONFIGS[shared.model.name].pretrained \
+            and not shared.model.clip_model.startswith("hf-hub:"):
+        init = run_stage(shared, "stage0", init, Tracker(shared))
+
+    uri = resolve_tracking_uri(base.mlflow.tracking_uri)
+    mlflow: dict = {}
+    parent = None
+    if base.mlflow.enabled:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = experiment_id(client, base.mlflow.experiment, uri)
+        pid = find_or_create_run(client, exp, spec.name, {"biovita.sweep": spec.name})
+        parent = RunLogger(uri, pid)
+        parent.params({"sweep.searcher": spec.searcher, "sweep.num_samples": spec.num_samples,
+                       "sweep.metric": spec.metric, "sweep.stages": ",".join(spec.stages),
+                       **{f"space.{k}": v for k, v in spec.params.items()}})
+        mlflow = {"uri": uri, "exp": exp, "parent": pid}
+
+    max_t = 10_000
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                              grace_period=spec.asha.get("grace_period", 1),
+                              reduction_factor=spec.asha.get("reduction_factor", 2))
+    search_alg = None
+    if spec.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=spec.seed)
+    concurrency = spec.max_concurrent_trials or concurrent_trials(base)
+    trainable = make_driver_fn(base, spec, init, storage, mlflow)
+    path = f"{storage}/{spec.name}"
+    if tune.Tuner.can_restore(path):
+        print(f"resuming the interrupted sweep at {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                        max_concurrent_trials=concurrency, scheduler=scheduler,
+                                        search_alg=search_alg),
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    results = tuner.fit()
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        rows.append({"trial": Path(r.path).name if r.path else "?", **r.config,
+                     spec.metric: m.get(spec.metric), "iterations": m.get("training_iteration"),
+                     "error": bool(r.error)})
+    good = [r for r in rows if r[spec.metric] is not None]
+    good.sort(key=lambda r: r[spec.metric], reverse=spec.mode == "max")
+    if not good:
+        raise RuntimeError("no trial reported the metric; see the trial logs under " + path)
+    best_params = {k: good[0][k] for k in spec.params}
+    best_cfg = trial_config(base, best_params, "best", storage)
+    best_cfg.train.run_name = f"{spec.name}-best"
+    best_cfg.train.storage_path = base.train.storage_path
+    out_dir = Path(storage if "://" not in storage else "results") / spec.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_yaml = out_dir / "best_config.yaml"
+    save_config(best_cfg, best_yaml)
+    plot = plot_trials(rows, spec, out_dir / "trials.png")
+    if parent:
+        parent.metrics({f"best_{spec.metric}": good[0][spec.metric],
+                        "sweep_seconds": time.time() - t0}, step=0)
+        parent.artifact(best_yaml)
+        parent.artifact(plot)
+        parent.end()
+    print(format_trials(good + [r for r in rows if r[spec.metric] is None], spec))
+    print(f"best config: {best_yaml}")
+    return {"rows": rows, "best": good[0], "best_config": str(best_yaml), "plot": str(plot)}
+
+
+def format_trials(rows: list[dict], spec: SweepSpec) -> str:
+    cols = ["trial", *spec.params, spec.metric, "iterations"]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(fmt(r.get(c)).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def plot_trials(rows: list[dict], spec: SweepSpec, path: Path) -> Path:
+    """Parallel coordinates: one line per trial, coloured by the metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(spec.params)
+    ok = [r for r in rows if r[spec.metric] is not None]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(names), 4))
+    if ok:
+        vals = np.array([[float(r[n]) for n in names] for r in ok])
+        logs = [spec.params[n]["type"] == "loguniform" for n in names]
+        vals = np.where(logs, np.log10(np.clip(vals, 1e-12, None)), vals)
+        lo, hi = vals.min(0), vals.max(0)
+        norm = (vals - lo) / np.where(hi > lo, hi - lo, 1)
+        metric = np.array([r[spec.metric] for r in ok], dtype=float)
+        cmap = plt.get_cmap("viridis")
+        span = (metric.max() - metric.min()) or 1
+        for row, m in zip(norm, metric):
+            ax.plot(range(len(names)), row, color=cmap((m - metric.min()) / span), lw=2, alpha=0.8)
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(metric.min(), metric.min() + span))
+        fig.colorbar(sm, ax=ax, label=spec.metric)
+    ax.set_xticks(range(len(names)), [n + (" (log)" if spec.params[n]["type"] == "loguniform" else "")
+                                      for n in names], rotation=20, fontsize=8)
+    ax.set_yticks([])
+    ax.set_title(f"{spec.name}: {len(ok)} trials")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None, prog: str = "sweep.py") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Ray Tune sweep of BioVITA's temperature, "
+                                "loss weights and learning rates (ASHA; MLflow parent + child runs).")
+    p.add_argument("--space", default=str(DEFAULT_SPACE), help="search space YAML (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the base training config, e.g. stage1.epochs=2")
+    a = p.parse_args(argv)
+    try:
+        spec, base = load_space(a.space, a.overrides)
+    except ConfigError as e:
+        print(f"sweep config error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    run_sweep(spec, base)
+    return 0
+
