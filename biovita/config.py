@@ -114,6 +114,7 @@ class TrainConfig:
     storage_path: str = "runs"  # local folder or object-store URI for Ray Train checkpoints
     run_name: str = "biovita"  # stable: a re-submitted job resumes instead of restarting
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD | STRICT_PACK (workers on nodes)
     log_every: int = 10
 
 
@@ -392,6 +393,8 @@ def _validate(cfg: Config) -> None:
     _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     _require(bool(t.run_name.strip()), "train.run_name", "must not be empty")
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(t.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
+             "train.placement_strategy", "must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
 
     b = cfg.bench
     _require(b.candidates >= 2, "bench.candidates", f"must be >= 2, got {b.candidates}")

@@ -35,8 +35,14 @@ class MediaStats:
     def __init__(self) -> None:
         self.bad: dict[str, dict[str, set[str]]] = {}
         self.good: dict[str, int] = {}
+        self.nodes: dict[str, set[str]] = {}  # role (decode / train) -> Ray node ids
 
-    def add(self, table: str, good: int, bad: list[tuple[str, str]]) -> None:
+    def add_node(self, role: str, node_id: str) -> None:
+        self.nodes.setdefault(role, set()).add(node_id)
+
+    def add(self, table: str, good: int, bad: list[tuple[str, str]], node_id: str = "") -> None:
+        if node_id:
+            self.add_node("decode", node_id)
         self.good[table] = self.good.get(table, 0) + good
         per = self.bad.setdefault(table, {})
         for media_id, reason in bad:
@@ -48,6 +54,7 @@ class MediaStats:
             "bad": {t: {r: len(ids) for r, ids in per.items()} for t, per in self.bad.items()},
             "examples": {f"{t}:{r}": sorted(ids)[:5] for t, per in self.bad.items()
                          for r, ids in per.items()},
+            "nodes": {role: sorted(ids) for role, ids in self.nodes.items()},
         }
 
     def reset(self) -> None:
@@ -76,7 +83,7 @@ def _report(stats_name: str | None, table: str, good: int, bad: list[tuple[str, 
         actor = ray.get_actor(stats_name)
     except ValueError:  # nobody asked for counts (no stats actor): decoding goes on regardless
         return
-    actor.add.remote(table, good, bad)
+    actor.add.remote(table, good, bad, ray.get_runtime_context().get_node_id())
 
 
 _CACHE: dict[str, Any] = {}

@@ -208,6 +208,7 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
         train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+            placement_strategy=cfg.train.placement_strategy,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=datasets,

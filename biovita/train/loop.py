@@ -131,6 +131,18 @@ def batch_top1(a: torch.Tensor, b: torch.Tensor) -> float:
         return (a @ b.T).argmax(1).eq(torch.arange(len(a), device=a.device)).float().mean().item()
 
 
+def _record_node() -> None:
+    """Tell the job's stats actor which node this worker trains on (placement checks)."""
+    import ray
+
+    from biovita.data.pipeline import STATS_ACTOR
+
+    try:
+        ray.get_actor(STATS_ACTOR).add_node.remote("train", ray.get_runtime_context().get_node_id())
+    except ValueError:
+        pass
+
+
 def _maybe_inject_failure(step: int) -> None:
     """Test hook: BIOVITA_KILL_AT_STEP=N kills rank 1 (or 0 alone) once, at step N."""
     at = os.environ.get("BIOVITA_KILL_AT_STEP")
@@ -160,6 +172,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # once per process, before any module init
     logger = RunLogger(**loop_cfg["mlflow"]) if (rank == 0 and loop_cfg.get("mlflow")) else None
+    _record_node()
 
     init = loop_cfg.get("init_checkpoint")
     model = load_model(fetch_dir(init)) if init else create_model(cfg.model)

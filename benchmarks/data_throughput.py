@@ -1,0 +1,250 @@
+"""Decode throughput of the Ray Data pipeline vs (a) the reference pattern and (b) the raw limit.
+
+(a) reference: a torch DataLoader whose workers decode one file per item (soundfile read,
+    torchaudio functional resample, log-mel; PIL + the open_clip transform for images), as
+    the authors' scripts do (torchaudio.load itself needs FFmpeg/TorchCodec, absent here);
+(b) raw limit: decode + one STFT per clip in a tight loop, one process per core.
+Same files, same cores. Peak RSS (driver + every Ray worker) at 1x and 10x rows.
+
+    python benchmarks/data_throughput.py [--store DIR] [--species 32] [--cpus 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and its descendants (Ray workers included)."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _total(self):
+        import psutil
+
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def __enter__(self):
+        self.peak = self._total()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._total())
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.t.join()
+
+
+def ray_audio(root: str, cpus: float) -> tuple[int, float]:
+    from biovita.data.pipeline import AudioDecodeSpec, audio_dataset
+
+    ds = audio_dataset(root, AudioDecodeSpec(mode="onset", prompts="none", stats_name=None), split=None,
+                       batch_size=16, num_cpus=cpus)
+    t = time.perf_counter()
+    n = sum(len(b["id"]) for b in ds.iter_batches(batch_size=64))
+    return n, time.perf_counter() - t
+
+
+def ray_images(root: str, cpus: float) -> tuple[int, float]:
+    from biovita.data.pipeline import ImageDecodeSpec, image_dataset
+
+    ds = image_dataset(root, ImageDecodeSpec(prompts="none", stats_name=None), split=None,
+                       batch_size=32, num_cpus=cpus)
+    t = time.perf_counter()
+    n = sum(len(b["id"]) for b in ds.iter_batches(batch_size=64))
+    return n, time.perf_counter() - t
+
+
+class RefAudio:
+    """torch Dataset: one file per item, decoded the way the authors' scripts do it."""
+
+    def __init__(self, files):
+        self.files = files
+        self.mel = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        import soundfile as sf
+        import torch
+        import torchaudio
+
+        if self.mel is None:
+            self.mel = torchaudio.transforms.MelSpectrogram(48000, n_fft=1024, hop_length=480, f_min=50,
+                                                           f_max=14000, n_mels=64, norm="slaney",
+                                                           mel_scale="slaney")
+        try:
+            x, sr = sf.read(self.files[i], dtype="float32", always_2d=True)
+        except Exception:
+            return torch.zeros(1, 1001, 64)
+        w = torch.from_numpy(x.T).mean(0, keepdim=True)
+        if sr != 48000:
+            w = torchaudio.functional.resample(w, sr, 48000)
+        w = torch.nn.functional.pad(w, (0, max(0, 480000 - w.shape[1])))[:, :480000]
+        return torchaudio.transforms.AmplitudeToDB(top_db=None)(self.mel(w)).transpose(1, 2)
+
+
+class RefImage:
+    def __init__(self, files):
+        self.files = files
+        self.tf = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        import torch
+        from PIL import Image
+
+        from biovita.image import ImageFrontEnd, preprocess
+
+        if self.tf is None:
+            self.tf = preprocess(ImageFrontEnd())
+        try:
+            return self.tf(Image.open(self.files[i]).convert("RGB"))
+        except Exception:
+            return torch.zeros(3, 224, 224)
+
+
+def reference(dataset, workers: int) -> tuple[int, float]:
+    import torch
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=workers)
+    t = time.perf_counter()
+    n = sum(len(b) for b in loader)
+    return n, time.perf_counter() - t
+
+
+def _raw_one(path: str) -> int:
+    import soundfile as sf
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        x, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception:
+        return 0
+    torch.stft(torch.from_numpy(x.mean(1)), n_fft=1024, hop_length=480,
+               window=torch.hann_window(1024), return_complex=True)
+    return 1
+
+
+def raw_limit(files, procs: int) -> tuple[int, float]:
+    t = time.perf_counter()
+    with mp.get_context("fork").Pool(procs) as pool:
+        pool.map(_raw_one, files, chunksize=8)
+    return len(files), time.perf_counter() - t
+
+
+def export_files(root: str, table: str, out: Path) -> list[str]:
+    from biovita.data.store import read_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for r in read_table(root, table, ["id", "bytes", "format"]).to_pylist():
+        p = out / f"{r['id']}.{r['format']}"
+        p.write_bytes(r["bytes"])
+        files.append(str(p))
+    return files
+
+
+def replicate(root: str, out: Path, times: int) -> None:
+    """A store with `times` x the rows (ids made unique) to check that memory stays flat."""
+    from biovita.data.store import ShardWriter, read_table, table_files
+
+    for table in ("audio", "image", "taxa"):
+        if table == "taxa":
+            shutil.copytree(Path(root) / "taxa", out / "taxa", dirs_exist_ok=True)
+            continue
+        w = ShardWriter(out, table, rows_per_shard=64)
+        import pyarrow.parquet as pq
+
+        for k in range(times):
+            for f in table_files(root, table):
+                for r in pq.read_table(f).to_pylist():
+                    w.add({**r, "id": f"{r['id']}_{k}"})
+        w.close()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default=None, help="Parquet store (default: a fresh synthetic one)")
+    p.add_argument("--species", type=int, default=32)
+    p.add_argument("--cpus", type=int, default=os.cpu_count())
+    p.add_argument("--scale", type=int, default=10)
+    a = p.parse_args()
+    import ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="biovita-bench-"))
+    root = a.store
+    if root is None:
+        from biovita.data.synth import make_synthetic
+
+        root = str(tmp / "store")
+        make_synthetic(root, n_species=a.species, seed=1)
+    audio_files = export_files(root, "audio", tmp / "files_audio")
+    image_files = export_files(root, "image", tmp / "files_image")
+
+    n, t = reference(RefAudio(audio_files), a.cpus)
+    ref_a = n / t
+    n, t = reference(RefImage(image_files), a.cpus)
+    ref_i = n / t
+    n, t = raw_limit(audio_files, a.cpus)
+    raw_a = n / t
+
+    ray.init(num_cpus=a.cpus, object_store_memory=int(1e9), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_audio(root, 1.0)  # warm-up: worker processes, imports
+    with PeakRSS() as m1:
+        n, t = ray_audio(root, 1.0)
+    ray_a, rss1 = n / t, m1.peak
+    n, t = ray_images(root, 1.0)
+    ray_i = n / t
+    big = tmp / "store10x"
+    replicate(root, big, a.scale)
+    with PeakRSS() as m10:
+        n10, t10 = ray_audio(str(big), 1.0)
+    rss10 = m10.peak
+    ray.shutdown()
+
+    print(f"{len(audio_files)} clips, {len(image_files)} images, {a.cpus} CPUs")
+    print(f"{'path':<34}{'clips/s':>10}{'images/s':>10}")
+    print(f"{'Ray Data pipeline (biovita)':<34}{ray_a:>10.1f}{ray_i:>10.1f}")
+    print(f"{'(a) DataLoader, file per item':<34}{ref_a:>10.1f}{ref_i:>10.1f}")
+    print(f"{'(b) raw decode + 1 STFT loop':<34}{raw_a:>10.1f}{'':>10}")
+    print(f"ratio vs (a): audio {ray_a / ref_a:.2f}x, images {ray_i / ref_i:.2f}x   (target >= 3x)")
+    print(f"ratio vs (b): {raw_a / ray_a:.2f}x slower than the raw limit   (target <= 1.5x)")
+    print(f"peak RSS: 1x rows {rss1 / 2**30:.2f} GiB, {a.scale}x rows ({n10} clips, {n10 / t10:.1f} clips/s) "
+          f"{rss10 / 2**30:.2f} GiB, ratio {rss10 / rss1:.2f}   (target < 1.2)")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The main job end to end: `ray start --head`, then `ray job submit --working-dir . --
+python ray_jobs/train.py ...` with a tiny budget; checks the printed results file (all 18
+benchmark tasks), the MLflow parent/child runs and the exported checkpoints."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY = ["stage0.epochs=1", "stage0.max_steps=3", "stage0.batch_size=8",
+        "stage1.epochs=1", "stage1.max_steps=3", "stage1.batch_size=8",
+        "stage2.phase1.epochs=1", "stage2.phase1.max_steps=2", "stage2.phase1.batch_size=8",
+        "stage2.phase2.epochs=1", "stage2.phase2.max_steps=2", "stage2.phase2.batch_size=8",
+        "data.decode_batch_size=8", "train.log_every=1", "stage2.baseline_batches=2"]
+
+
+def test_ray_job_submit_main_job(synth_store, tmp_path):
+    root, _ = synth_store
+    gcs, dash = _port(), _port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    temp = Path("/tmp") / f"bvjob{os.getpid()}"  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+         "--object-store-memory=500000000", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={temp}", "--include-dashboard=true"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash}"],
+                                capture_output=True, env=env).returncode == 0
+            if ok:
+                break
+            time.sleep(2)
+        db = tmp_path / "mlflow.db"
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+               "--working-dir", str(ROOT), "--", "python", "ray_jobs/train.py",
+               f"data.root={root}", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=e2e",
+               f"mlflow.tracking_uri=sqlite:///{db}", f"bench.out={tmp_path / 'bench'}", *TINY]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-4000:]
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+    m = re.search(r"^results: (.+)$", out, re.M)
+    assert m, out[-3000:]
+    res = json.loads(Path(m.group(1).strip()).read_text())
+    tasks = [(lvl, c) for lvl in ("species", "genus", "family") for c in res[lvl]]
+    assert len(tasks) == 18
+    for lvl, c in tasks:
+        e = res[lvl][c]
+        assert set(e) == {"top1", "top5", "top10", "n", "skipped"}
+        assert 0 <= e["top1"] <= e["top5"] <= e["top10"] <= 1 and e["n"] > 0
+    assert "A2T" in out and "species top1/top5" in out  # the table was printed
+    for stage in ("stage0", "stage1", "stage2.phase1", "stage2.phase2"):
+        assert (tmp_path / "runs" / "e2e" / "models" / stage / "model.safetensors").is_file()
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("biovita")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("biovita.kind") == "job"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {c.data.tags["biovita.stage"] for c in children} == {"stage0", "stage1", "stage2.phase1", "stage2.phase2"}
+    p = parents[0].data
+    assert "git_commit" in p.params and "dataset_fingerprint" in p.params and "train.zero_stage" in p.params
+    assert "bench_stage2/species/A2T/top1" in p.metrics
+    arts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "bench_stage2")}
+    assert any(a.endswith("_heatmap.png") for a in arts)

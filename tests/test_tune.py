@@ -1,0 +1,71 @@
+"""A 2-trial Ray Tune sweep on a tiny config: MLflow parent/child runs and a best-config file
+that loads and runs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from biovita.config import ConfigError, load_config
+from biovita.train.sweep import load_space
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _space(tmp_path, root, params, **extra):
+    spec = {
+        "base_config": str(ROOT / "configs" / "default.yaml"),
+        "overrides": [f"data.root={root}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                      f"train.storage_path={tmp_path / 'runs'}", "stage0.epochs=1", "stage0.max_steps=2",
+                      "stage0.batch_size=8", "stage1.epochs=1", "stage1.max_steps=4", "stage1.batch_size=4",
+                      "train.log_every=1", "data.decode_batch_size=4"],
+        "stages": ["stage1"], "num_samples": 2, "max_concurrent_trials": 1,
+        "asha": {"grace_period": 1, "reduction_factor": 2}, "name": "tsweep",
+        "storage_path": str(tmp_path / "sweeps"), "params": params, **extra}
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def test_bad_spaces_rejected_before_any_trial(tmp_path, synth_store):
+    root, _ = synth_store
+    with pytest.raises(ConfigError, match="sweep.params.stage1.lrr: not a config parameter"):
+        load_space(_space(tmp_path, root, {"stage1.lrr": {"type": "uniform", "low": 0.1, "high": 0.2}}))
+    with pytest.raises(ConfigError, match="empty range"):
+        load_space(_space(tmp_path, root, {"stage1.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-4}}))
+    with pytest.raises(ConfigError, match="empty list"):
+        load_space(_space(tmp_path, root, {"stage2.lam_av_max": {"type": "choice", "values": []}}))
+    with pytest.raises(ConfigError, match="invalid config"):
+        load_space(_space(tmp_path, root, {"stage1.batch_size": {"type": "choice", "values": [8, -1]}}))
+
+
+@pytest.mark.slow
+def test_two_trial_sweep(ray_local, synth_store, tmp_path):
+    from biovita.train.sweep import run_sweep
+
+    root, _ = synth_store
+    spec, base = load_space(_space(tmp_path, root, {
+        "model.init_temperature": {"type": "grid", "values": [0.05, 0.1]}}, num_samples=1))
+    out = run_sweep(spec, base)
+    assert len(out["rows"]) == 2 and all(r["top1_batch"] is not None for r in out["rows"])
+    best = load_config(out["best_config"])  # loads (and validates) as a training config
+    assert best.model.init_temperature in (0.05, 0.1)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("biovita")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("biovita.sweep") == "tsweep"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(trials) == 2
+    for t in trials:
+        assert "model.init_temperature" in t.data.params
+        assert client.get_metric_history(t.info.run_id, "loss")
+    arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {"best_config.yaml", "trials.png"} <= arts
+    # the best config runs: one more stage-1 step from it
+    from biovita.train.driver import Tracker, run_stage, save_init
+
+    cfg = load_config(out["best_config"], ["stage1.max_steps=1", "mlflow.enabled=false",
+                                           "train.run_name=from-best"])
+    assert Path(run_stage(cfg, "stage1", save_init(cfg), Tracker(cfg)), "model.safetensors").is_file()
