@@ -34,13 +34,17 @@ TINY = ["stage0.epochs=1", "stage0.max_steps=3", "stage0.batch_size=8",
 
 def test_ray_job_submit_main_job(synth_store, tmp_path):
     root, _ = synth_store
-    gcs, dash = _port(), _port()
+    gcs, dash, agent, grpc, metrics, rt = (_port() for _ in range(6))
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     temp = Path("/tmp") / f"bvjob{os.getpid()}"  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
          "--object-store-memory=500000000", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--include-dashboard=true"],
+         f"--temp-dir={temp}", "--include-dashboard=true",
+         # own agent/metrics ports: the session's local Ray instance holds the defaults
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+         f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={rt}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 120
@@ -55,8 +59,12 @@ def test_ray_job_submit_main_job(synth_store, tmp_path):
                "--working-dir", str(ROOT), "--", "python", "ray_jobs/train.py",
                f"data.root={root}", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=e2e",
                f"mlflow.tracking_uri=sqlite:///{db}", f"bench.out={tmp_path / 'bench'}", *TINY]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
-        out = r.stdout + r.stderr
+        for _ in range(30):  # the job agent starts a little after the dashboard answers
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
+            out = r.stdout + r.stderr
+            if "No available agent" not in out:
+                break
+            time.sleep(3)
         assert r.returncode == 0, out[-4000:]
     finally:
         head.terminate()
