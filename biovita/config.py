@@ -115,6 +115,7 @@ class TrainConfig:
     run_name: str = "biovita"  # stable: a re-submitted job resumes instead of restarting
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD | STRICT_PACK (workers on nodes)
+    worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {gpu_node: 1}: pin workers
     log_every: int = 10
 
 
@@ -182,6 +183,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                for k, v in value.items()):
+            raise ConfigError(f"{key}: expected a mapping of names to numbers, got {value!r}")
+        return {k: float(v) for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

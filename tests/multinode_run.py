@@ -10,7 +10,8 @@ from ray.cluster_utils import Cluster
 
 def main(root: str, storage: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 300_000_000})
-    train_nodes = [cluster.add_node(num_cpus=1, object_store_memory=300_000_000) for _ in range(2)]
+    train_nodes = [cluster.add_node(num_cpus=1, resources={"trainer": 1}, object_store_memory=300_000_000)
+                   for _ in range(2)]
     data_node = cluster.add_node(num_cpus=2, object_store_memory=400_000_000)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
@@ -23,6 +24,7 @@ def main(root: str, storage: str) -> None:
     cfg = load_config(None, [
         f"data.root={root}", f"train.storage_path={storage}", "train.run_name=multinode",
         "train.num_workers=2", "train.cpus_per_worker=1", "train.placement_strategy=STRICT_SPREAD",
+        "train.worker_resources={trainer: 1}",
         "train.zero_stage=2", "stage1.epochs=1", "stage1.max_steps=3", "stage1.batch_size=4",
         "data.decode_batch_size=4", "train.checkpoint_every=2", "mlflow.enabled=false"])
     media_stats(STATS_ACTOR)

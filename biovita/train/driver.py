@@ -209,7 +209,8 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=use_gpu,
             placement_strategy=cfg.train.placement_strategy,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+                                  **cfg.train.worker_resources}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all"),

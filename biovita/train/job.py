@@ -54,7 +54,9 @@ def run(cfg, bench: bool = True) -> str | None:
 
     t0 = time.time()
     ensure_data(cfg)
-    init_ray(num_cpus=os.cpu_count(), object_store_memory=int(1e9))
+    # a local instance gets 2 logical CPUs per core: the trainer's threads and the light
+    # decode tasks then share the cores instead of the decode tasks waiting for a free CPU
+    init_ray(num_cpus=2 * (os.cpu_count() or 1), object_store_memory=int(1e9))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the trainer prints one progress line per stage instead
     tracker = Tracker(cfg)
