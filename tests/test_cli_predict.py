@@ -38,9 +38,8 @@ def media_files(synth_store, tmp_path):
     return fa, fi
 
 
-def test_predictor_ranks_taxa_and_caches_labels(tiny_checkpoint, synth_store, media_files, tmp_path):
-    import biovita
-
+@pytest.fixture
+def taxa_csv(synth_store, tmp_path):
     root, _ = synth_store
     taxa = read_table(root, "taxa", ["class", "order", "family", "genus", "scientific_name", "common_name"]).to_pylist()
     csv_path = tmp_path / "taxa.csv"
@@ -48,6 +47,13 @@ def test_predictor_ranks_taxa_and_caches_labels(tiny_checkpoint, synth_store, me
         w = csv.DictWriter(f, fieldnames=list(taxa[0]))
         w.writeheader()
         w.writerows(taxa)
+    return csv_path, taxa
+
+
+def test_predictor_ranks_taxa_and_caches_labels(tiny_checkpoint, media_files, taxa_csv):
+    import biovita
+
+    csv_path, taxa = taxa_csv
     p = biovita.Predictor(tiny_checkpoint, taxa_csv=csv_path)
     rows = p.predict([str(x) for x in media_files], rank="genus", k=3)
     assert len(rows) == 6
@@ -63,14 +69,8 @@ def test_predictor_ranks_taxa_and_caches_labels(tiny_checkpoint, synth_store, me
     assert buf.getvalue().splitlines()[0].startswith("file,modality,rank,class")
 
 
-def test_predict_cli_table(tiny_checkpoint, synth_store, media_files, tmp_path):
-    root, _ = synth_store
-    taxa = read_table(root, "taxa", ["class", "order", "family", "genus", "scientific_name", "common_name"]).to_pylist()
-    csv_path = tmp_path / "taxa.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(taxa[0]))
-        w.writeheader()
-        w.writerows(taxa)
+def test_predict_cli_table(tiny_checkpoint, media_files, taxa_csv):
+    csv_path, _ = taxa_csv
     r = subprocess.run([sys.executable, "-m", "biovita.cli", "predict", tiny_checkpoint, str(media_files[0]),
                         "--taxa", str(csv_path), "--k", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -84,6 +84,20 @@ def read_task(path: Path) -> list[dict]:
     return rows
 
 
+def _scorable(rows: list[dict], q_vec: dict) -> tuple[list[dict], dict[str, int]]:
+    """Rows that can be scored, and the others counted by reason."""
+    skipped: dict[str, int] = defaultdict(int)
+    keep = []
+    for r in rows:
+        if r["correct_taxon"] not in r["candidates_taxa"]:
+            skipped["correct_not_in_candidates"] += 1
+        elif r["query_payload_id"] not in q_vec:
+            skipped["query_without_feature"] += 1
+        else:
+            keep.append(r)
+    return keep, skipped
+
+
 def rank_of_correct(rows: list[dict], q_vec: dict, g_vec: dict) -> tuple[np.ndarray, dict, list]:
     """Rank (0 = best) of the correct taxon for every scorable query, skip counts by reason,
     and the rows the ranks belong to.
@@ -99,15 +113,7 @@ def rank_of_correct(rows: list[dict], q_vec: dict, g_vec: dict) -> tuple[np.ndar
 
     import pandas as pd
 
-    skipped: dict[str, int] = defaultdict(int)
-    keep = []
-    for r in rows:
-        if r["correct_taxon"] not in r["candidates_taxa"]:
-            skipped["correct_not_in_candidates"] += 1
-        elif r["query_payload_id"] not in q_vec:
-            skipped["query_without_feature"] += 1
-        else:
-            keep.append(r)
+    keep, skipped = _scorable(rows, q_vec)
     if not keep:
         return np.zeros(0, np.int64), dict(skipped), []
     n_cand = np.fromiter((len(r["candidates_taxa"]) for r in keep), np.int64, len(keep))
@@ -165,15 +171,7 @@ def _rank_exact(rows: list[dict], q_vec: dict, g_vec: dict) -> tuple[np.ndarray,
     """
     from itertools import chain
 
-    skipped: dict[str, int] = defaultdict(int)
-    keep = []
-    for r in rows:
-        if r["correct_taxon"] not in r["candidates_taxa"]:
-            skipped["correct_not_in_candidates"] += 1
-        elif r["query_payload_id"] not in q_vec:
-            skipped["query_without_feature"] += 1
-        else:
-            keep.append(r)
+    keep, skipped = _scorable(rows, q_vec)
     if not keep:
         return np.zeros(0, np.int64), dict(skipped), []
     n_cand = np.fromiter((len(r["candidates_taxa"]) for r in keep), np.int64, len(keep))
