@@ -123,26 +123,29 @@ def crop_or_pad(
 
 
 class LogMel:
-    """Batched log-mel (B x samples -> B x 1 x frames x mels), as CLAP's extractor computes it."""
+    """Batched log-mel (B x samples -> B x 1 x frames x mels), as CLAP's extractor computes it:
+    centred STFT (Hann, reflect padding), power spectrum, mel filter bank, 10 log10(max(x, 1e-10))."""
 
     def __init__(self, fe: AudioFrontEnd):
+        import torch
         import torchaudio
 
         slaney = fe.truncation != "fusion"
         self.fe = fe
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=fe.sample_rate,
-            n_fft=fe.n_fft,
-            win_length=fe.n_fft,
-            hop_length=fe.hop_length,
-            f_min=fe.f_min,
-            f_max=fe.f_max,
-            n_mels=fe.n_mels,
-            power=2.0,
-            norm="slaney" if slaney else None,
-            mel_scale="slaney" if slaney else "htk",
-        )
-        self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=None)
+        self.window = torch.hann_window(fe.n_fft)
+        self.fb = torchaudio.functional.melscale_fbanks(
+            n_freqs=fe.n_fft // 2 + 1, f_min=fe.f_min, f_max=fe.f_max, n_mels=fe.n_mels,
+            sample_rate=fe.sample_rate, norm="slaney" if slaney else None,
+            mel_scale="slaney" if slaney else "htk")
+
+    def _one(self, x):
+        import torch
+
+        spec = torch.stft(x, self.fe.n_fft, self.fe.hop_length, win_length=self.fe.n_fft,
+                          window=self.window, center=True, pad_mode="reflect", return_complex=True)
+        power = torch.view_as_real(spec).pow(2).sum(-1)  # |X|^2 without the sqrt of abs()
+        mel = power.transpose(-1, -2) @ self.fb  # frames x mels
+        return 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
 
     def __call__(self, waves: np.ndarray):
         import torch
@@ -151,7 +154,8 @@ class LogMel:
             x = torch.as_tensor(np.asarray(waves, dtype=np.float32))
             if x.ndim == 1:
                 x = x[None]
-            return self.to_db(self.mel(x)).transpose(1, 2).unsqueeze(1).contiguous()
+            # one clip at a time: a clip's spectrogram (4 MB) stays in cache, a batch's does not
+            return torch.stack([self._one(x[i]) for i in range(x.shape[0])]).unsqueeze(1).contiguous()
 
 
 @functools.lru_cache(maxsize=4)
