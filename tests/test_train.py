@@ -33,7 +33,7 @@ def test_two_workers_zero2_loss_falls_and_checkpoint_reported(ray_local, synth_s
     from biovita.train.driver import Tracker, run_stage, save_init
 
     root, _ = synth_store
-    cfg = _cfg(root, tmp_path, "stage0.epochs=3", "stage0.max_steps=12", "train.run_name=zero2")
+    cfg = _cfg(root, tmp_path, "stage0.epochs=6", "stage0.max_steps=12", "train.run_name=zero2")
     tracker = Tracker(cfg)
     out = run_stage(cfg, "stage0", save_init(cfg), tracker)
     runs, loss = _history(cfg, "stage0", "loss")
