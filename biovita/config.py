@@ -292,7 +292,17 @@ def load_config(
         keys, value = parse_override(ov)
         _set_path(raw, keys, value)
     cfg = _build(Config, raw)
+    _absolute_paths(cfg)
     return cfg.validate()
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """Local paths become absolute on the driver: Ray workers and Tune trials run elsewhere."""
+    for section, key in (("data", "root"), ("train", "storage_path"), ("bench", "out")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and not _is_remote(value) and not value.startswith("file://"):
+            setattr(obj, key, str(Path(value).expanduser().resolve()))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
