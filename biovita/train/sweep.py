@@ -257,7 +257,7 @@ def run_sweep(spec: SweepSpec, base: Config) -> dict:
     concurrency = spec.max_concurrent_trials or concurrent_trials(base)
     # the trial driver only waits on its TorchTrainer: it must not hold a CPU that the
     # training workers or the decode tasks need (with 4 CPUs and 2 trials it deadlocks)
-    trainable = tune.with_resources(make_driver_fn(base, spec, init, storage, mlflow), {"CPU": 0})
+    trainable = tune.with_resources(make_driver_fn(base, spec, init, storage, mlflow), {"CPU": 0.01})
     path = f"{storage}/{spec.name}"
     if tune.Tuner.can_restore(path):
         print(f"resuming the interrupted sweep at {path}", flush=True)
