@@ -12,7 +12,6 @@ Same files, same cores. Peak RSS (driver + every Ray worker) at 1x and 10x rows.
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing as mp
 import os
 import shutil
@@ -21,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 class PeakRSS:
@@ -177,7 +175,7 @@ def export_files(root: str, table: str, out: Path) -> list[str]:
 
 def replicate(root: str, out: Path, times: int) -> None:
     """A store with `times` x the rows (ids made unique) to check that memory stays flat."""
-    from biovita.data.store import ShardWriter, read_table, table_files
+    from biovita.data.store import ShardWriter, table_files
 
     for table in ("audio", "image", "taxa"):
         if table == "taxa":

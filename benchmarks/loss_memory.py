@@ -18,8 +18,6 @@ import time
 def _measure(kind: str, global_batch: int, workers: int, dim: int) -> dict:
     import torch
 
-    from biovita import losses
-
     torch.manual_seed(0)
     b = global_batch // workers
     a_all = torch.nn.functional.normalize(torch.randn(global_batch, dim), dim=-1).requires_grad_()

@@ -69,8 +69,6 @@ def ray_deepspeed(steps: int, warmup: int, batch: int, threads: int, zero: int) 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     def loop(c):
-        import tempfile
-
         import torch
 
         from biovita import schedules

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import ray
 from ray.data import ActorPoolStrategy
 
 from biovita.data.pipeline import (

@@ -1,7 +1,6 @@
 """Ray Data decoding on a real local Ray instance, real Parquet files and real codecs."""
 
 import numpy as np
-import pytest
 
 from biovita.audio import AudioFrontEnd
 from biovita.data import sampling

@@ -1,15 +1,13 @@
 import hashlib
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import soundfile as sf
 
 from biovita.data.schema import META_COLUMNS, TRAIT_COLUMNS, check_schema
 from biovita.data.store import read_schema, read_table, table_files, write_table
-from biovita.data.synth import CORRUPT_AUDIO, CORRUPT_IMAGE, make_synthetic, make_taxonomy
+from biovita.data.synth import CORRUPT_IMAGE, make_synthetic, make_taxonomy
 
 
 def test_taxonomy_hierarchy_and_unseen_species():

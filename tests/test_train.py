@@ -1,7 +1,5 @@
 """Ray Train + DeepSpeed on a real local Ray instance (gloo on CPU), MLflow on SQLite."""
 
-import json
-import os
 from pathlib import Path
 
 import pytest

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.data import ActorPoolStrategy, TaskPoolStrategy  # noqa: F401 (ActorPool: inference)
+from ray.data import TaskPoolStrategy
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from biovita.audio import AudioFrontEnd, load_clip, log_mel
@@ -79,11 +79,12 @@ def bad_media_counts(name: str = STATS_ACTOR) -> dict[str, Any]:
 def _report(stats_name: str | None, table: str, good: int, bad: list[tuple[str, str]]) -> None:
     if not stats_name:
         return
-    try:
-        actor = ray.get_actor(stats_name)
-    except ValueError:  # nobody asked for counts (no stats actor): decoding goes on regardless
-        return
-    actor.add.remote(table, good, bad, ray.get_runtime_context().get_node_id())
+    if stats_name not in _HANDLES:  # one lookup per worker process, not one per batch
+        try:
+            _HANDLES[stats_name] = ray.get_actor(stats_name)
+        except ValueError:  # nobody asked for counts (no stats actor): decoding goes on regardless
+            return
+    _HANDLES[stats_name].add.remote(table, good, bad, ray.get_runtime_context().get_node_id())
 
 
 _CACHE: dict[str, Any] = {}

@@ -15,9 +15,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -109,17 +107,19 @@ def epoch_datasets(cfg: Config, stage: str, checkpoint: str, image_emb=None) -> 
     st = stage_params(cfg, stage)
     d = cfg.data
     afe, ife = front_ends(checkpoint)
+    # the metadata is read once; each epoch only draws a new plan from it
+    ids, species = _train_meta(d.root, "image" if stage == "stage0" else "audio")
+    if image_emb is not None:
+        i_ids, i_sp = list(image_emb[0]), [int(s) for s in image_emb[2]]
     datasets, sizes = {}, []
     for epoch in range(st.epochs):
         if stage == "stage0":
-            ids, species = _train_meta(d.root, "image")
             plan = sampling.balanced_counts(ids, species, cfg.stage0.images_per_species,
                                             d.per_species_min, cfg.train.seed, epoch)
             ds = image_dataset(d.root, ImageDecodeSpec(ife, d.max_image_pixels, cfg.train.seed, epoch),
                                plan=plan, batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
             sizes.append(sum(plan.values()))
         elif stage == "stage1":
-            ids, species = _train_meta(d.root, "audio")
             plan = sampling.balanced_counts(ids, species, d.per_species_cap, d.per_species_min,
                                             cfg.train.seed, epoch)
             spec = AudioDecodeSpec(afe, "random", cfg.train.seed, epoch, prompts="random")
@@ -127,16 +127,12 @@ def epoch_datasets(cfg: Config, stage: str, checkpoint: str, image_emb=None) -> 
                                num_cpus=d.decode_cpus)
             sizes.append(sum(plan.values()))
         else:
-            a_ids, a_sp = _train_meta(d.root, "audio")
-            index = image_emb[0]
-            i_ids = [i for i in index]
-            i_sp = [int(s) for s in image_emb[2]]
             # both phases draw fresh triplets; phase 2 with epochs after phase 1's
             e = epoch + (cfg.stage2.phase1.epochs if stage == "stage2.phase2" else 0)
-            plan = sampling.triplet_plan(a_ids, a_sp, i_ids, i_sp, d.triplets_per_species,
+            plan = sampling.triplet_plan(ids, species, i_ids, i_sp, d.triplets_per_species,
                                          cfg.train.seed, e)
             spec = AudioDecodeSpec(afe, "random", cfg.train.seed, e, prompts="fixed")
-            ds = audio_dataset(d.root, spec, plan=plan, image_emb=(index, image_emb[1]),
+            ds = audio_dataset(d.root, spec, plan=plan, image_emb=(image_emb[0], image_emb[1]),
                                batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
             sizes.append(sum(len(v) for v in plan.values()))
         datasets[f"epoch{epoch}"] = ds
@@ -317,15 +313,3 @@ def log_job_params(cfg: Config, tracker: Tracker) -> None:
         return
     tracker.parent.params({**cfg.flat(), "git_commit": git_commit(),
                            "dataset_fingerprint": dataset_fingerprint(cfg.data.root)})
-
-
-def to_jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
-
-

@@ -8,12 +8,10 @@ from the library; this file composes them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +196,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             schedules.ATCGate(baseline=state["baseline_atc"] or 1.0, alpha=s2.gate_alpha,
                               off_ratio=s2.gate_off_ratio, on_ratio=s2.gate_on_ratio,
                               patience=s2.gate_patience))
-    atc_hist = deque(state.get("atc_hist", []), maxlen=s2.baseline_batches)
+    atc_hist = schedules.BaselineMeter(n=s2.baseline_batches, values=list(state.get("atc_hist", [])))
     total_steps = st["epochs"] * steps_per_epoch
     if st["max_steps"]:
         total_steps = min(total_steps, st["max_steps"])
@@ -206,7 +204,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     k = cfg.train.accum_freq
 
     def save_and_report(metrics: dict, final: bool = False) -> None:
-        state.update(gate=gate.state_dict(), atc_hist=list(atc_hist))
+        state.update(gate=gate.state_dict(), atc_hist=list(atc_hist.values))
         with tempfile.TemporaryDirectory() as d:
             eng.save(d, dict(state))
             if final:
@@ -244,7 +242,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             state["step"] += 1
             state["batch_in_epoch"] = i + 1
             if "atc" in parts:
-                atc_hist.append(parts["atc"])
+                atc_hist.add(parts["atc"])
             for key, v in parts.items():
                 window.setdefault(key, []).append(v)
             _maybe_inject_failure(state["step"])
@@ -285,8 +283,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if not done:
             state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
     state["epoch"] = st["epochs"]
-    if stage == "stage2.phase1" and atc_hist:  # baseline_ATC for phase 2's gate and guard
-        state["baseline_atc"] = float(np.mean(atc_hist))
+    if stage == "stage2.phase1" and atc_hist.value is not None:  # phase 2's gate and guard
+        state["baseline_atc"] = atc_hist.value
     final = {**last_metrics, "step": state["step"], "baseline_atc": state.get("baseline_atc") or 0.0}
     final.setdefault("top1_batch", 0.0)
     save_and_report(final, final=True)

@@ -135,7 +135,7 @@ def make_driver_fn(base: Config, spec: SweepSpec, init_model: str, storage: str,
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from biovita.train.driver import Tracker, image_embeddings, run_stage
+        from biovita.train.driver import image_embeddings, run_stage
         from biovita.tracking import RunLogger, find_or_create_run
 
         trial_id = tune.get_context().get_trial_id()
