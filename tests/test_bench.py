@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from biovita.bench.build import TASKS
-from biovita.bench.score import rank_of_correct, score_benchmark
+from biovita.bench import score
+from biovita.bench.score import Features, Task, rank_of_correct, score_benchmark
 from biovita.errors import BenchmarkError
 from biovita.taxonomy import LEVELS
 
@@ -99,29 +100,113 @@ def test_malformed_files_name_file_and_row(handmade):
 
 
 def _reference_ranks(rows, q, g):
-    """The authors' pattern: a Python loop over queries, per-candidate max."""
+    """The authors' pattern in float64: a Python loop over queries, per-candidate max; gallery
+    items without a feature are left out, a candidate with none scores -inf; rows whose query
+    or correct gallery has no feature are skipped."""
     out = []
     for r in rows:
         if r["correct_taxon"] not in r["candidates_taxa"] or r["query_payload_id"] not in q:
             continue
-        scores = [max(float(q[r["query_payload_id"]] @ g[i]) for i in gal) for gal in r["candidates_target_ids"]]
+        qv = q[r["query_payload_id"]].astype(np.float64)
+        scores = [max((float(qv @ g[i].astype(np.float64)) for i in gal if i in g), default=-np.inf)
+                  for gal in r["candidates_target_ids"]]
         c = scores[r["candidates_taxa"].index(r["correct_taxon"])]
-        out.append(sum(s > c for s in scores))
+        if c > -np.inf:
+            out.append(sum(s > c for s in scores))
     return np.array(out)
 
 
-def test_vectorised_equals_reference_on_random_data():
-    rng = np.random.default_rng(0)
-    d, n_tax, per = 16, 40, 3
-    g = {f"g{t}_{k}": v / np.linalg.norm(v) for t in range(n_tax) for k in range(per)
-         for v in [rng.standard_normal(d).astype(np.float32)]}
-    q = {f"q{i}": v / np.linalg.norm(v) for i in range(300) for v in [rng.standard_normal(d).astype(np.float32)]}
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _random_task(rng, d=16, n_tax=40, n_q=300, n_cand=25, per=3):
+    g = {f"g{t}_{k}": v for (t, k), v in zip([(t, k) for t in range(n_tax) for k in range(per)],
+                                            _unit(rng, n_tax * per, d))}
+    q = {f"q{i}": v for i, v in enumerate(_unit(rng, n_q, d))}
     rows = []
-    for i in range(300):
-        cands = [f"T{t}" for t in rng.choice(n_tax, 25, replace=False)]
-        rows.append({"query_payload_id": f"q{i}", "correct_taxon": cands[int(rng.integers(25))],
+    for i in range(n_q):
+        cands = [f"T{t}" for t in rng.choice(n_tax, n_cand, replace=False)]
+        rows.append({"query_payload_id": f"q{i}", "correct_taxon": cands[int(rng.integers(n_cand))],
                      "candidates_taxa": cands,
                      "candidates_target_ids": [[f"g{c[1:]}_{k}" for k in range(per)] for c in cands]})
-    ranks, skipped, kept = rank_of_correct(rows, q, g)
+    return rows, q, g
+
+
+def _score(rows, q, g, cap=10):
+    return rank_of_correct(Task.from_rows(rows), Features.from_dict(q), Features.from_dict(g), cap=cap)
+
+
+@pytest.fixture(params=["bfloat16", "float32"])
+def product_dtype(request, monkeypatch):
+    """Both low-precision paths: bfloat16 (AMX CPUs) and float32 (elsewhere)."""
+    monkeypatch.setattr(score, "_product_dtype", lambda: getattr(torch, request.param))
+    return request.param
+
+
+def test_vectorised_equals_reference_on_random_data(product_dtype):
+    rows, q, g = _random_task(np.random.default_rng(0))
+    ranks, skipped, kept = _score(rows, q, g, cap=100)
     np.testing.assert_array_equal(ranks, _reference_ranks(rows, q, g))
     assert not skipped and len(kept) == 300
+
+
+def test_near_ties_below_bfloat16_resolution_rank_exactly(product_dtype):
+    """Candidate cosines 2e-4 apart (bfloat16 resolves ~4e-3, float32 ~6e-8): the certified
+    bounds must send them all to the float32 recomputation, so ranks equal the reference."""
+    rng = np.random.default_rng(1)
+    d, n_tax = 64, 30
+    b = _unit(rng, 1, d)[0].astype(np.float64)
+    g, q, rows = {}, {}, []
+    for t in range(n_tax):  # cos(b, g_t) = 0.5 + t * 2e-4
+        w = rng.standard_normal(d)
+        w -= (w @ b) * b
+        c = 0.5 + t * 2e-4
+        g[f"g{t}"] = (c * b + np.sqrt(1 - c * c) * w / np.linalg.norm(w)).astype(np.float32)
+    for i in range(100):
+        q[f"q{i}"] = b.astype(np.float32)
+        cands = [f"T{t}" for t in rng.permutation(n_tax)]
+        rows.append({"query_payload_id": f"q{i}", "correct_taxon": cands[0], "candidates_taxa": cands,
+                     "candidates_target_ids": [[f"g{c[1:]}"] for c in cands]})
+    ranks, _, _ = _score(rows, q, g, cap=n_tax)
+    reference = _reference_ranks(rows, q, g)
+    assert len(set(reference.tolist())) > 10  # the correct taxa really sit at many ranks
+    np.testing.assert_array_equal(ranks, reference)
+
+
+def test_ragged_rows_missing_features_and_cap(product_dtype):
+    """Rows with fewer candidates, galleries of different sizes, gallery items and a whole
+    gallery without features, queries without features; ranks past `cap` are clipped."""
+    rng = np.random.default_rng(2)
+    rows, q, g = _random_task(rng, n_tax=30, n_cand=20, per=4)
+    for n, r in enumerate(rows):
+        if n % 3 == 0:  # a shorter row
+            keep = [j for j in range(len(r["candidates_taxa"])) if j % 4 or
+                    r["candidates_taxa"][j] == r["correct_taxon"]]
+            r["candidates_taxa"] = [r["candidates_taxa"][j] for j in keep]
+            r["candidates_target_ids"] = [r["candidates_target_ids"][j] for j in keep]
+    for t in range(30):  # galleries of 1..4 items; T7 has no features at all
+        for k in range(4):
+            if k >= 1 + t % 4 or t == 7:
+                g.pop(f"g{t}_{k}")
+    for i in range(0, 300, 10):
+        q.pop(f"q{i}")
+    ranks, skipped, kept = _score(rows, q, g, cap=5)
+    reference = _reference_ranks(rows, q, g)
+    np.testing.assert_array_equal(ranks, np.minimum(reference, 5))
+    assert skipped["query_without_feature"] == 30
+    assert skipped["correct_gallery_without_feature"] == sum(
+        r["correct_taxon"] == "T7" for n, r in enumerate(rows) if n % 10)
+    assert ranks.max() == 5 and len(kept) == len(reference)
+
+
+def test_galleries_that_differ_between_rows_take_the_exact_path():
+    rng = np.random.default_rng(3)
+    rows, q, g = _random_task(rng)
+    for r in rows[::2]:  # every other row lists only part of each gallery
+        r["candidates_target_ids"] = [gal[:2] for gal in r["candidates_target_ids"]]
+    task = Task.from_rows(rows)
+    assert task.galleries is None
+    ranks, _, _ = rank_of_correct(task, Features.from_dict(q), Features.from_dict(g), cap=100)
+    np.testing.assert_array_equal(ranks, _reference_ranks(rows, q, g))
