@@ -107,6 +107,7 @@ class TrainConfig:
     zero_stage: int = 2
     grad_clip: float = 1.0
     accum_freq: int = 1  # contrastive gradient accumulation (k micro-batches per step)
+    prefetch_batches: int = 8  # decoded batches read ahead, across epoch ends
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at stage ends
     keep_checkpoints: int = 2
@@ -404,6 +405,7 @@ def _validate(cfg: Config) -> None:
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0-3, got {t.zero_stage}")
     _require(t.grad_clip > 0, "train.grad_clip", "must be > 0")
     _require(t.accum_freq >= 1, "train.accum_freq", "must be >= 1")
+    _require(t.prefetch_batches >= 1, "train.prefetch_batches", "must be >= 1")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _require(t.max_failures >= -1, "train.max_failures", "must be >= -1")

@@ -120,3 +120,23 @@ def test_write_read_round_trip(tmp_path):
     bad = pa.schema([pa.field("id", pa.int64())])
     assert any("missing column 'bytes'" in p for p in check_schema("audio", bad))
     assert any("has type int64" in p for p in check_schema("audio", bad))
+
+
+def test_media_shards_store_bytes_plain_in_small_row_groups(tmp_path):
+    """Encoded media do not compress (so `bytes` is stored plain) and small row groups give
+    Ray Data small blocks to spread decoding over many tasks."""
+    import pyarrow.parquet as pq
+
+    from biovita.data.store import ROW_GROUP_ROWS
+
+    rows = [{"id": f"a{i}", "bytes": bytes(100), "format": "wav", "source": "xc",
+             "recording_id": str(i), "class": "Aves", "order": "O", "family": "F", "genus": "G",
+             "scientific_name": "G s", "common_name": "", "species_id": 0, "split": "train"}
+            for i in range(2 * ROW_GROUP_ROWS + 1)]
+    (path,) = write_table(tmp_path, "audio", rows, rows_per_shard=len(rows))
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 3
+    names = [meta.row_group(0).column(i).path_in_schema for i in range(meta.num_columns)]
+    codecs = {n: meta.row_group(0).column(i).compression for i, n in enumerate(names)}
+    assert codecs["bytes"] == "UNCOMPRESSED" and codecs["id"] == "ZSTD"
+    assert read_table(tmp_path, "audio")["id"].to_pylist() == [r["id"] for r in rows]

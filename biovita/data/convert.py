@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -129,6 +130,10 @@ def convert_release(
         audio_jobs.append((path, {"key": key, "source": r.get("source") or "",
                                    "recording_id": r.get("recording_id") or Path(path).stem}))
     ids = {k: i for i, k in enumerate(sorted(taxa))}
+    # written in a shuffled (seeded) order: release CSVs and image folders come grouped by
+    # species, and a species-sorted store would give training batches of one species each
+    shuffle = random.Random(seed).shuffle
+    shuffle(audio_jobs)
 
     def split_of(key: str, media_id: str) -> str:
         if key in unseen:
@@ -166,6 +171,7 @@ def convert_release(
             for fpath in sorted(d.iterdir()):
                 if fpath.suffix.lower() in IMAGE_EXTS:
                     image_jobs.append((str(fpath), folders[d.name]))
+        shuffle(image_jobs)
         images = ShardWriter(out, "image", rows_per_shard)
         for (path, key), (_, data, reason) in zip(image_jobs, pool.map(
                 _check_image, [(p, max_image_pixels) for p, _ in image_jobs], chunksize=16)):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,44 @@ def _maybe_inject_failure(step: int) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
+def epoch_batches(first: int, epochs: int, batches_of, depth: int):
+    """(epoch, index, batch) for epochs first..epochs-1, in order. A thread reads up to `depth`
+    batches ahead, across epoch ends too: each epoch is its own Ray Dataset, which starts
+    decoding only when iterated, so without this every epoch would begin with the trainer
+    idle while the first blocks decode."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    end = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():  # a consumer that stopped early must not leave us blocked
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run() -> None:
+        try:
+            for e in range(first, epochs):
+                for i, b in enumerate(batches_of(e)):
+                    if not put((e, i, b)):
+                        return
+            put(end)
+        except BaseException as exc:  # re-raised in the training thread
+            put(exc)
+
+    threading.Thread(target=run, name="biovita-prefetch", daemon=True).start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     from biovita.models.checkpoint import load_model
     from biovita.models.factory import create_model
@@ -217,71 +257,71 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     t_start, step_start = time.time(), state["step"]
     done = state["step"] >= total_steps
     last_metrics: dict[str, float] = {}
-    for epoch in range(state["epoch"], st["epochs"]):
-        if done:
-            break
+    def batches_of(epoch: int):
         shard = ray.train.get_dataset_shard(f"epoch{epoch}")
-        it = shard.iter_torch_batches(batch_size=B, collate_fn=TorchCollate(), drop_last=True,
-                                      local_shuffle_buffer_size=4 * B,
-                                      local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank)
-        micro: list[dict] = []
-        for i, batch in enumerate(it):
-            if epoch == state["epoch"] and i < state["batch_in_epoch"]:
-                continue  # resume: skip what the checkpointed run already trained on
-            micro.append(batch)
-            if len(micro) < k:
-                continue
-            step = state["step"]
-            schedules.apply_group_schedule(eng.optimizer, stage, step, s2)
-            parts = _step(stage, micro, module, eng, tokenizer, s2, gate, state, step)
-            micro = []
-            eng.step()
-            if stage != "stage0":
-                with eng.gathered([module.logit_scale]):
-                    losses.clamp_logit_scale(module.logit_scale)
-            state["step"] += 1
-            state["batch_in_epoch"] = i + 1
-            if "atc" in parts:
-                atc_hist.add(parts["atc"])
-            for key, v in parts.items():
-                window.setdefault(key, []).append(v)
-            _maybe_inject_failure(state["step"])
-            if state["step"] % cfg.train.log_every == 0 or state["step"] >= total_steps:
-                now = time.time()
-                sps = (state["step"] * B * world * k - n_last) / max(now - t_last, 1e-6)
-                t_last, n_last = now, state["step"] * B * world * k
-                last_metrics = {key: float(np.mean(v)) for key, v in window.items()}
-                window = {}
-                last_metrics.update(samples_per_s=sps, epoch=epoch,
-                                    logit_scale=float(module.logit_scale.detach().float().exp()))
-                for g in eng.optimizer.param_groups:
-                    last_metrics[f"lr/{g['name']}"] = g["lr"]
-                if rank == 0:
-                    rate = (state["step"] - step_start) / max(now - t_start, 1e-6)
-                    eta = (total_steps - state["step"]) / max(rate, 1e-9)
-                    print(f"[{stage}] step {state['step']}/{total_steps} loss {last_metrics['loss']:.4f} "
-                          f"{sps:.1f} samples/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-                          flush=True)
-                    if logger:
-                        try:
-                            bad = bad_media_counts()["bad"]
-                            for table, reasons in bad.items():
-                                for reason, n in reasons.items():
-                                    last_metrics[f"skipped/{table}/{reason}"] = n
-                        except Exception:
-                            pass
-                        logger.metrics(last_metrics, step=state["step"])
-                if loop_cfg.get("report_every_log") and not (
-                        cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0):
-                    ray.train.report({**last_metrics, "step": state["step"]})  # for Tune's ASHA
-            if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0 \
-                    and state["step"] < total_steps:
-                save_and_report({**last_metrics, "step": state["step"]})
-            if state["step"] >= total_steps:
-                done = True
-                break
-        if not done:
-            state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
+        return shard.iter_torch_batches(batch_size=B, collate_fn=TorchCollate(), drop_last=True,
+                                        local_shuffle_buffer_size=4 * B,
+                                        local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank)
+
+    micro: list[dict] = []
+    epoch = state["epoch"]
+    for epoch, i, batch in ([] if done else epoch_batches(state["epoch"], st["epochs"], batches_of,
+                                                          cfg.train.prefetch_batches)):
+        if epoch != state["epoch"]:  # a new epoch: micro-batches do not straddle epochs
+            state["epoch"], state["batch_in_epoch"], micro = epoch, 0, []
+        if i < state["batch_in_epoch"]:
+            continue  # resume: skip what the checkpointed run already trained on
+        micro.append(batch)
+        if len(micro) < k:
+            continue
+        step = state["step"]
+        schedules.apply_group_schedule(eng.optimizer, stage, step, s2)
+        parts = _step(stage, micro, module, eng, tokenizer, s2, gate, state, step)
+        micro = []
+        eng.step()
+        if stage != "stage0":
+            with eng.gathered([module.logit_scale]):
+                losses.clamp_logit_scale(module.logit_scale)
+        state["step"] += 1
+        state["batch_in_epoch"] = i + 1
+        if "atc" in parts:
+            atc_hist.add(parts["atc"])
+        for key, v in parts.items():
+            window.setdefault(key, []).append(v)
+        _maybe_inject_failure(state["step"])
+        if state["step"] % cfg.train.log_every == 0 or state["step"] >= total_steps:
+            now = time.time()
+            sps = (state["step"] * B * world * k - n_last) / max(now - t_last, 1e-6)
+            t_last, n_last = now, state["step"] * B * world * k
+            last_metrics = {key: float(np.mean(v)) for key, v in window.items()}
+            window = {}
+            last_metrics.update(samples_per_s=sps, epoch=epoch,
+                                logit_scale=float(module.logit_scale.detach().float().exp()))
+            for g in eng.optimizer.param_groups:
+                last_metrics[f"lr/{g['name']}"] = g["lr"]
+            if rank == 0:
+                rate = (state["step"] - step_start) / max(now - t_start, 1e-6)
+                eta = (total_steps - state["step"]) / max(rate, 1e-9)
+                print(f"[{stage}] step {state['step']}/{total_steps} loss {last_metrics['loss']:.4f} "
+                      f"{sps:.1f} samples/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                      flush=True)
+                if logger:
+                    try:
+                        bad = bad_media_counts()["bad"]
+                        for table, reasons in bad.items():
+                            for reason, n in reasons.items():
+                                last_metrics[f"skipped/{table}/{reason}"] = n
+                    except Exception:
+                        pass
+                    logger.metrics(last_metrics, step=state["step"])
+            if loop_cfg.get("report_every_log") and not (
+                    cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0):
+                ray.train.report({**last_metrics, "step": state["step"]})  # for Tune's ASHA
+        if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0 \
+                and state["step"] < total_steps:
+            save_and_report({**last_metrics, "step": state["step"]})
+        if state["step"] >= total_steps:
+            break
     state["epoch"] = st["epochs"]
     if stage == "stage2.phase1" and atc_hist.value is not None:  # phase 2's gate and guard
         state["baseline_atc"] = atc_hist.value
