@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 
-
 class PeakMemory:
     """Samples the summed PSS of this process and its descendants (Ray workers included)."""
 

@@ -49,9 +49,9 @@ class Features:
     index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.matrix = np.ascontiguousarray(self.matrix, dtype=np.float32)
-        norms = np.linalg.norm(self.matrix, axis=1, keepdims=True) if len(self.matrix) else 1.0
-        self.matrix /= np.maximum(norms, 1e-12)
+        m = np.asarray(self.matrix, dtype=np.float32)
+        norms = np.linalg.norm(m, axis=1, keepdims=True) if len(m) else 1.0
+        self.matrix = m / np.maximum(norms, 1e-12)  # a new array: the caller's stays as it was
         self.index = {i: n for n, i in enumerate(self.ids)}
 
     @classmethod
@@ -108,8 +108,6 @@ class Task:
     """
 
     rows: list[dict]
-    query_ids: list[str]
-    taxa: list[str]
     cand: np.ndarray
     correct: np.ndarray
     galleries: list[list[str]] | None
@@ -134,8 +132,7 @@ class Task:
         first[codes[::-1]] = np.arange(len(codes))[::-1]  # first occurrence of each taxon
         canon = [flat_gal[i] for i in first]
         same = flat_gal == [canon[c] for c in codes.tolist()]
-        return cls(rows, [r["query_payload_id"] for r in rows], list(code_of), cand, correct,
-                   canon if same else None)
+        return cls(rows, cand, correct, canon if same else None)
 
 
 def read_task(path: Path) -> Task:
@@ -165,14 +162,13 @@ def rank_of_correct(task: Task, queries: Features, gallery: Features, cap: int =
                     ) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
     """Rank (0 = best) of the correct taxon for every scorable row, exact below `cap` and
     clipped to `cap`; skip counts by reason; the indices of the scored rows in `task.rows`."""
-    q_row = queries.rows(task.query_ids)
+    q_row = queries.rows([r["query_payload_id"] for r in task.rows])
     no_correct = task.correct < 0
     no_query = ~no_correct & (q_row < 0)
     skipped = {"correct_not_in_candidates": int(no_correct.sum()),
                "query_without_feature": int(no_query.sum())}
     keep = np.flatnonzero(~no_correct & ~no_query)
-    rows = q_row[keep]
-    Q = queries.matrix if np.array_equal(rows, np.arange(len(queries.ids))) else queries.matrix[rows]
+    Q = queries.matrix[q_row[keep]]
     if len(keep) == 0 or len(gallery.ids) == 0:
         ranks, ok = np.zeros(len(keep), np.int64), np.zeros(len(keep), bool)
     elif task.galleries is None:
@@ -213,22 +209,18 @@ def _rank_shared(task: Task, keep: np.ndarray, Q: np.ndarray, gallery: Features,
     m = int(sizes.max())
     item_of = torch.from_numpy(np.minimum(ptr[:-1, None] + np.arange(m) % np.maximum(sizes, 1)[:, None],
                                           len(G) - 1))
-    valid = (cand >= 0) & (sizes[np.maximum(cand, 0)] > 0)
-    valid = None if valid.all() else torch.from_numpy(valid)
+    valid = torch.from_numpy((cand >= 0) & (sizes[np.maximum(cand, 0)] > 0))  # pads, empty galleries
     cand_t = torch.from_numpy(np.maximum(cand, 0))
     Qt = torch.from_numpy(Q)
     A, e_row, u = _approx_scores(Qt, G, item_of, cand_t)
     eps = e_row[:, None] + u * A.abs()
-    if valid is not None:
-        A.masked_fill_(~valid, -np.inf)
-        eps.masked_fill_(~valid, 0.0)
+    A.masked_fill_(~valid, -np.inf)
+    eps.masked_fill_(~valid, 0.0)
     # intervals around the true cosines: a candidate is surely better, surely not, or open
     r_t, c_t = torch.from_numpy(rows), torch.from_numpy(col)
     a_c, e_c = A[r_t, c_t, None], eps[r_t, c_t, None]
     sure = (A - eps) > (a_c + e_c)
-    open_ = ~sure & (A + eps >= a_c - e_c)
-    if valid is not None:
-        open_ &= valid
+    open_ = ~sure & (A + eps >= a_c - e_c) & valid
     open_[r_t, c_t] = False
     ranks = sure.sum(1).numpy()
     need = torch.from_numpy(ranks < cap) & open_.any(1)  # ranks at or past cap need no detail

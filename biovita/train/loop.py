@@ -257,6 +257,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     t_start, step_start = time.time(), state["step"]
     done = state["step"] >= total_steps
     last_metrics: dict[str, float] = {}
+
     def batches_of(epoch: int):
         shard = ray.train.get_dataset_shard(f"epoch{epoch}")
         return shard.iter_torch_batches(batch_size=B, collate_fn=TorchCollate(), drop_last=True,
@@ -264,7 +265,6 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                                         local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank)
 
     micro: list[dict] = []
-    epoch = state["epoch"]
     for epoch, i, batch in ([] if done else epoch_batches(state["epoch"], st["epochs"], batches_of,
                                                           cfg.train.prefetch_batches)):
         if epoch != state["epoch"]:  # a new epoch: micro-batches do not straddle epochs
