@@ -66,7 +66,7 @@ def ray_audio(root: str, cpus: float) -> tuple[int, float]:
     from biovita.data.pipeline import AudioDecodeSpec, audio_dataset
 
     ds = audio_dataset(root, AudioDecodeSpec(mode="onset", prompts="none", stats_name=None), split=None,
-                       batch_size=16, num_cpus=cpus)
+                       num_cpus=cpus)
     t = time.perf_counter()
     n = sum(len(b["id"]) for b in ds.iter_batches(batch_size=64))
     return n, time.perf_counter() - t
@@ -76,7 +76,7 @@ def ray_images(root: str, cpus: float) -> tuple[int, float]:
     from biovita.data.pipeline import ImageDecodeSpec, image_dataset
 
     ds = image_dataset(root, ImageDecodeSpec(prompts="none", stats_name=None), split=None,
-                       batch_size=32, num_cpus=cpus)
+                       num_cpus=cpus)
     t = time.perf_counter()
     n = sum(len(b["id"]) for b in ds.iter_batches(batch_size=64))
     return n, time.perf_counter() - t
@@ -215,6 +215,12 @@ def main():
     audio_files = export_files(root, "audio", tmp / "files_audio")
     image_files = export_files(root, "image", tmp / "files_image")
 
+    # the reference's workers fork from this process: import their libraries here, once
+    import importlib
+
+    for lib in ("open_clip", "torchaudio", "transformers"):
+        importlib.import_module(lib)
+
     n, t = reference(RefAudio(audio_files), a.cpus)
     ref_a = n / t
     n, t = reference(RefImage(image_files), a.cpus)
@@ -225,6 +231,7 @@ def main():
     ray.init(num_cpus=a.cpus, object_store_memory=int(1e9), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_audio(root, 1.0)  # warm-up: worker processes, imports
+    ray_images(root, 1.0)
     with PeakMemory() as m1:
         n, t = ray_audio(root, 1.0)
     ray_a, rss1 = n / t, m1.peak

@@ -70,24 +70,63 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
 
 
 def to_mono(wave: np.ndarray) -> np.ndarray:
-    return wave.mean(axis=0) if wave.ndim == 2 else wave
+    if wave.ndim == 1:
+        return wave
+    return wave[0] if wave.shape[0] == 1 else wave.mean(axis=0)
+
+
+class Resampler:
+    """torchaudio's sinc resampler (the kernel of `torchaudio.transforms.Resample`), able to
+    compute just the output span a crop keeps: a 10 s crop of a 30 s clip resamples 10 s, not 30.
+    Each output block of `new` samples depends on a fixed input window, so the span is exactly
+    what resampling the whole clip and slicing would give."""
+
+    def __init__(self, orig: int, new: int):
+        import torchaudio
+
+        t = torchaudio.transforms.Resample(orig, new)
+        self.width = t.width
+        self.orig, self.new = orig // t.gcd, new // t.gcd
+        # torchaudio applies its (new', 1, 2 * width + orig') kernel as a strided conv1d; the
+        # same products as one matmul of input frames give the output already interleaved
+        self.kernel = t.kernel[:, 0, :].T.contiguous()
+
+    def length(self, n_in: int) -> int:
+        """Length of the whole resampled signal (torchaudio's)."""
+        return -(-self.new * n_in // self.orig)
+
+    def __call__(self, x: np.ndarray, start: int = 0, count: int | None = None) -> np.ndarray:
+        """Samples [start, start + count) of resample(x); zeros past its end."""
+        import torch
+
+        total = self.length(len(x))
+        count = total - start if count is None else count
+        out = np.zeros(count, np.float32)
+        stop = min(start + count, total)
+        if stop <= start:
+            return out
+        b0, b1 = start // self.new, -(-stop // self.new)  # output blocks covering the span
+        lo, hi = b0 * self.orig - self.width, b1 * self.orig + self.width  # their input window
+        seg = np.zeros(hi - lo, np.float32)
+        a, b = max(lo, 0), min(hi, len(x))
+        seg[a - lo : b - lo] = x[a:b]
+        with torch.no_grad():
+            frames = torch.from_numpy(seg).unfold(0, self.kernel.shape[0], self.orig)
+            y = (frames @ self.kernel).reshape(-1).numpy()  # (b1 - b0) blocks of new' samples
+        first = start - b0 * self.new
+        out[: stop - start] = y[first : first + stop - start]
+        return out
 
 
 @functools.lru_cache(maxsize=16)
-def _resampler(orig: int, new: int):
-    import torchaudio
-
-    return torchaudio.transforms.Resample(orig, new)
+def resampler(orig: int, new: int) -> Resampler:
+    return Resampler(orig, new)
 
 
 def resample(wave: np.ndarray, sr: int, target: int) -> np.ndarray:
     if sr == target:
         return wave.astype(np.float32, copy=False)
-    import torch
-
-    with torch.no_grad():
-        out = _resampler(sr, target)(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))
-    return out.numpy()
+    return resampler(sr, target)(np.asarray(wave, dtype=np.float32))
 
 
 def onset_start(wave: np.ndarray, sample_rate: int, threshold: float = 0.01, pre_s: float = 0.2) -> int:
@@ -100,25 +139,29 @@ def onset_start(wave: np.ndarray, sample_rate: int, threshold: float = 0.01, pre
     return max(0, first - int(pre_s * sample_rate))
 
 
+def crop_start(length: int, n: int, mode: str, onset: int = 0,
+               rng: np.random.Generator | None = None) -> int:
+    """Start of an `n`-sample crop of a `length`-sample clip: random (train), at the onset
+    (eval) or 0. A clip shorter than `n` starts at 0 (or its onset) and is zero-padded."""
+    if mode == "random":
+        rng = rng or np.random.default_rng()
+        return int(rng.integers(0, length - n + 1)) if length > n else 0
+    if mode == "onset":
+        return min(onset, length - n) if length > n else onset
+    if mode == "start":
+        return 0
+    raise ValueError(f"unknown crop mode {mode!r}")
+
+
 def crop_or_pad(
     wave: np.ndarray, n: int, mode: str, sample_rate: int, rng: np.random.Generator | None = None
 ) -> np.ndarray:
-    """Exactly `n` samples: random crop (train) or onset crop (eval); zero-pad when short."""
-    if len(wave) > n:
-        if mode == "random":
-            rng = rng or np.random.default_rng()
-            start = int(rng.integers(0, len(wave) - n + 1))
-        elif mode == "onset":
-            start = min(onset_start(wave, sample_rate), len(wave) - n)
-        elif mode == "start":
-            start = 0
-        else:
-            raise ValueError(f"unknown crop mode {mode!r}")
-        return wave[start : start + n]
-    if mode == "onset":
-        wave = wave[onset_start(wave, sample_rate) :]
+    """Exactly `n` samples of a clip already at the target rate (see `crop_start`)."""
+    onset = onset_start(wave, sample_rate) if mode == "onset" else 0
+    start = crop_start(len(wave), n, mode, onset, rng)
     out = np.zeros(n, dtype=np.float32)
-    out[: len(wave)] = wave
+    piece = wave[start : start + n]
+    out[: len(piece)] = piece
     return out
 
 
@@ -137,25 +180,32 @@ class LogMel:
             n_freqs=fe.n_fft // 2 + 1, f_min=fe.f_min, f_max=fe.f_max, n_mels=fe.n_mels,
             sample_rate=fe.sample_rate, norm="slaney" if slaney else None,
             mel_scale="slaney" if slaney else "htk")
+        # bins above f_max carry no mel weight: the power spectrum stops at the last used bin
+        self.n_bins = int(self.fb.abs().sum(1).nonzero().max()) + 1
+        self.fb = self.fb[: self.n_bins].contiguous()
 
     def _one(self, x):
         import torch
 
+        p = self.fe.n_fft // 2  # centred frames: reflect padding (3x cheaper here than stft's)
+        x = torch.cat([x[1 : p + 1].flip(0), x, x[-p - 1 : -1].flip(0)])
         spec = torch.stft(x, self.fe.n_fft, self.fe.hop_length, win_length=self.fe.n_fft,
-                          window=self.window, center=True, pad_mode="reflect", return_complex=True)
+                          window=self.window, center=False, return_complex=True)
+        spec = spec[: self.n_bins]
         power = spec.real.square() + spec.imag.square()  # |X|^2: no sqrt, no strided copies
         mel = power.transpose(-1, -2) @ self.fb  # frames x mels
         return 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
 
-    def __call__(self, waves: np.ndarray):
+    def __call__(self, waves):
+        """`waves`: one clip, a (B, samples) array or a list of clips of the same length."""
         import torch
 
+        if isinstance(waves, np.ndarray) and waves.ndim == 1:
+            waves = [waves]
         with torch.no_grad():
-            x = torch.as_tensor(np.asarray(waves, dtype=np.float32))
-            if x.ndim == 1:
-                x = x[None]
             # one clip at a time: a clip's spectrogram (4 MB) stays in cache, a batch's does not
-            return torch.stack([self._one(x[i]) for i in range(x.shape[0])]).unsqueeze(1).contiguous()
+            mels = [self._one(torch.as_tensor(np.asarray(w, dtype=np.float32))) for w in waves]
+            return torch.stack(mels).unsqueeze(1).contiguous()
 
 
 @functools.lru_cache(maxsize=4)
@@ -166,9 +216,17 @@ def log_mel(fe: AudioFrontEnd) -> LogMel:
 def load_clip(
     data: bytes, fe: AudioFrontEnd, mode: str, rng: np.random.Generator | None = None
 ) -> np.ndarray:
-    """Encoded bytes -> one fixed-length mono 48 kHz waveform. Raises MediaError."""
+    """Encoded bytes -> one fixed-length mono 48 kHz waveform. Raises MediaError.
+
+    The crop is chosen on the resampled time axis (its length is known without resampling;
+    the onset is found at the native rate) and only the cropped span is resampled."""
     wave, sr = decode_audio(data)
-    mono = resample(to_mono(wave), sr, fe.sample_rate)
-    if not np.isfinite(mono).all():
-        raise MediaError("non_finite")
-    return crop_or_pad(mono, fe.clip_samples, mode, fe.sample_rate, rng)
+    mono = to_mono(wave)
+    n = fe.clip_samples
+    if sr == fe.sample_rate:
+        return crop_or_pad(mono, n, mode, sr, rng)
+    r = resampler(sr, fe.sample_rate)
+    onset = 0
+    if mode == "onset":
+        onset = onset_start(mono, sr) * r.new // r.orig
+    return r(mono, crop_start(r.length(len(mono)), n, mode, onset, rng), n)

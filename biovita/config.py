@@ -36,7 +36,6 @@ class DataConfig:
     per_species_min: int = 5  # species with fewer clips are oversampled to this many
     triplets_per_species: int = 20  # stage-2 triplets per species and epoch
     max_image_pixels: int = 50_000_000  # decompression-bomb guard
-    decode_batch_size: int = 16
     decode_cpus: float = 0.5  # logical CPUs per decode task (fractional: avoids starving Train)
 
 
@@ -343,7 +342,6 @@ def _validate(cfg: Config) -> None:
     )
     _require(d.triplets_per_species >= 1, "data.triplets_per_species", "must be >= 1")
     _require(d.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
-    _require(d.decode_batch_size > 0, "data.decode_batch_size", "must be > 0")
     _require(0 < d.decode_cpus <= 64, "data.decode_cpus", f"must be in (0, 64], got {d.decode_cpus}")
     _require(d.synth_species >= 8, "data.synth_species", f"must be >= 8, got {d.synth_species}")
     if not _is_remote(d.root) and not d.synth_if_missing:

@@ -8,9 +8,10 @@ from ray.data import ActorPoolStrategy
 from biovita.data.pipeline import (
     AudioDecodeSpec,
     ImageDecodeSpec,
+    audio_dataset,
     decode_audio,
     decode_images,
-    read_media,
+    image_dataset,
 )
 from biovita.data.store import fetch_dir
 from biovita.models.checkpoint import read_meta
@@ -70,15 +71,21 @@ def embed(ds, checkpoint: str, modality: str, use_gpu: bool = False, actors: int
     )
 
 
+def eval_specs(checkpoint: str, max_image_pixels: int = 50_000_000,
+               stats_name: str | None = None) -> tuple[AudioDecodeSpec, ImageDecodeSpec]:
+    """Eval decoding of a checkpoint's front ends: onset crop, no prompts."""
+    afe, ife = front_ends(checkpoint)
+    return (AudioDecodeSpec(afe, mode="onset", prompts="none", stats_name=stats_name),
+            ImageDecodeSpec(ife, max_pixels=max_image_pixels, prompts="none", stats_name=stats_name))
+
+
 def decode_for_embedding(ds, checkpoint: str, modality: str, max_image_pixels: int = 50_000_000,
                          stats_name: str | None = None, decode_cpus: float = 0.5):
-    """Eval decoding (onset crop, no prompts) of a dataset with `id` + `bytes` columns."""
-    afe, ife = front_ends(checkpoint)
+    """Eval decoding of a dataset of media files (`id` + `bytes` columns)."""
+    aspec, ispec = eval_specs(checkpoint, max_image_pixels, stats_name)
     if modality == "audio":
-        return decode_audio(ds, AudioDecodeSpec(afe, mode="onset", prompts="none",
-                                                stats_name=stats_name), num_cpus=decode_cpus)
-    return decode_images(ds, ImageDecodeSpec(ife, max_pixels=max_image_pixels, prompts="none",
-                                             stats_name=stats_name), num_cpus=decode_cpus)
+        return decode_audio(ds, aspec, num_cpus=decode_cpus)
+    return decode_images(ds, ispec, num_cpus=decode_cpus)
 
 
 def embed_dataset(
@@ -87,8 +94,9 @@ def embed_dataset(
     batch_size: int = 32, stats_name: str | None = None, decode_cpus: float = 0.5,
 ):
     """{id, species_id, embedding} for one table of a store."""
-    ds = decode_for_embedding(read_media(root, modality, split), checkpoint, modality,
-                              max_image_pixels, stats_name, decode_cpus)
+    aspec, ispec = eval_specs(checkpoint, max_image_pixels, stats_name)
+    ds = (audio_dataset(root, aspec, split, num_cpus=decode_cpus) if modality == "audio" else
+          image_dataset(root, ispec, split, num_cpus=decode_cpus))
     return embed(ds, checkpoint, modality, use_gpu, actors, batch_size)
 
 

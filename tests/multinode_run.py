@@ -26,7 +26,7 @@ def main(root: str, storage: str) -> None:
         "train.num_workers=2", "train.cpus_per_worker=1", "train.placement_strategy=STRICT_SPREAD",
         "train.worker_resources={trainer: 1}",
         "train.zero_stage=2", "stage1.epochs=1", "stage1.max_steps=3", "stage1.batch_size=4",
-        "data.decode_batch_size=4", "train.checkpoint_every=2", "mlflow.enabled=false"])
+        "train.checkpoint_every=2", "mlflow.enabled=false"])
     media_stats(STATS_ACTOR)
     out = run_stage(cfg, "stage1", save_init(cfg), Tracker(cfg))
     snap = bad_media_counts(STATS_ACTOR)

@@ -94,3 +94,46 @@ def test_non_finite_audio_is_rejected():
     with pytest.raises(MediaError) as e:
         load_clip(buf.getvalue(), AudioFrontEnd(), "onset")
     assert e.value.reason == "non_finite"
+
+
+@pytest.mark.parametrize("sr", [16000, 22050, 32000, 44100])
+def test_resampled_span_equals_slice_of_whole_resample(sr):
+    """Only the kept span is resampled; it must equal torchaudio's whole-clip output sliced."""
+    import torch
+    import torchaudio
+
+    from biovita.audio import resampler
+
+    x = _clip(sr, 12.3, seed=sr)
+    whole = torchaudio.functional.resample(torch.from_numpy(x), sr, 48000).numpy()
+    r = resampler(sr, 48000)
+    assert r.length(len(x)) == len(whole)
+    for start, count in [(0, 48000), (12345, 480000), (len(whole) - 1000, 5000), (len(whole) + 10, 50)]:
+        got = r(x, start, count)
+        want = np.zeros(count, np.float32)
+        piece = whole[start : start + count]
+        want[: len(piece)] = piece
+        assert got.shape == (count,)
+        np.testing.assert_allclose(got, want, atol=1e-5)  # float32 sums in another order
+
+
+def test_load_clip_equals_crop_of_whole_resampled_clip():
+    """load_clip (crop first, resample the crop) == resample everything, then crop: the same
+    random crop for the same generator, and the onset crop within a few samples."""
+    import torch
+    import torchaudio
+
+    sr = 22050
+    x = np.zeros(int(14 * sr), np.float32)
+    x[int(3 * sr):] = _clip(sr, 11.0, seed=1)[: len(x) - int(3 * sr)]
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="WAV", subtype="FLOAT")
+    fe = AudioFrontEnd()
+    whole = torchaudio.functional.resample(torch.from_numpy(x), sr, 48000).numpy()
+    got = load_clip(buf.getvalue(), fe, "random", np.random.default_rng(7))
+    want = crop_or_pad(whole, fe.clip_samples, "random", 48000, np.random.default_rng(7))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    onset = load_clip(buf.getvalue(), fe, "onset")
+    start = onset_start(whole, 48000)
+    assert any(np.allclose(onset, whole[start + d : start + d + fe.clip_samples], atol=1e-5)
+               for d in range(-3, 4))

@@ -45,7 +45,7 @@ def test_audio_pipeline_applies_plan_and_counts_bad_media(ray_local, synth_store
     plan = sampling.balanced_counts([t[0] for t in train], [t[1] for t in train], 20, 5, 0, 0)
     bad_in_plan = sum(n for i, n in plan.items() if i.startswith("bad_"))
     spec = AudioDecodeSpec(AudioFrontEnd(), "random", seed=0, epoch=0, stats_name=name)
-    ds = audio_dataset(str(root), spec, plan=plan, batch_size=8)
+    ds = audio_dataset(str(root), spec, plan=plan)
     n, texts, species = 0, [], []
     for b in ds.iter_torch_batches(batch_size=16, collate_fn=TorchCollate()):
         assert b["mel"].shape[1:] == (1, 1001, 64)
@@ -96,3 +96,21 @@ def test_epochs_are_deterministic_per_seed(ray_local, synth_store):
     e0, e0b, e1 = run(0), run(0), run(1)
     assert e0 == e0b
     assert e0 != e1  # new crops and prompts each epoch
+
+
+def test_row_group_selection_skips_unplanned_and_other_splits(synth_store):
+    from biovita.data.pipeline import RowGroup, row_groups, select_row_groups
+
+    root, manifest = synth_store
+    groups = row_groups(str(root), "audio")
+    assert sum(len(g.ids) for g in groups) == manifest["audio_rows"]
+    assert len({(g.path, g.index) for g in groups}) == len(groups) > 1
+    one = groups[1]
+    plan = {one.ids[0]: 2}
+    assert select_row_groups(groups, None, plan) == [one]
+    assert select_row_groups(groups, "test") == [g for g in groups if "test" in g.splits]
+    only_train = RowGroup("x.parquet", 0, ("a", "b"), ("train", "train"))
+    assert select_row_groups([only_train, one], "test") == [one]  # never read for eval
+    a, b = select_row_groups(groups, order_seed=(0, 1)), select_row_groups(groups, order_seed=(0, 2))
+    assert sorted(a, key=id) == sorted(b, key=id) and a != b  # a new order each epoch
+    assert select_row_groups(groups, order_seed=(0, 1)) == a

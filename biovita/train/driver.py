@@ -28,6 +28,7 @@ from biovita.data.pipeline import (
     audio_dataset,
     image_dataset,
     media_stats,
+    row_groups,
 )
 from biovita.data.store import (
     exists,
@@ -108,7 +109,9 @@ def epoch_datasets(cfg: Config, stage: str, checkpoint: str, image_emb=None) -> 
     d = cfg.data
     afe, ife = front_ends(checkpoint)
     # the metadata is read once; each epoch only draws a new plan from it
-    ids, species = _train_meta(d.root, "image" if stage == "stage0" else "audio")
+    table = "image" if stage == "stage0" else "audio"
+    ids, species = _train_meta(d.root, table)
+    groups = row_groups(d.root, table)
     if image_emb is not None:
         i_ids, i_sp = list(image_emb[0]), [int(s) for s in image_emb[2]]
     datasets, sizes = {}, []
@@ -117,14 +120,15 @@ def epoch_datasets(cfg: Config, stage: str, checkpoint: str, image_emb=None) -> 
             plan = sampling.balanced_counts(ids, species, cfg.stage0.images_per_species,
                                             d.per_species_min, cfg.train.seed, epoch)
             ds = image_dataset(d.root, ImageDecodeSpec(ife, d.max_image_pixels, cfg.train.seed, epoch),
-                               plan=plan, batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
+                               plan=plan, num_cpus=d.decode_cpus, groups=groups,
+                               order_seed=(cfg.train.seed, epoch))
             sizes.append(sum(plan.values()))
         elif stage == "stage1":
             plan = sampling.balanced_counts(ids, species, d.per_species_cap, d.per_species_min,
                                             cfg.train.seed, epoch)
             spec = AudioDecodeSpec(afe, "random", cfg.train.seed, epoch, prompts="random")
-            ds = audio_dataset(d.root, spec, plan=plan, batch_size=d.decode_batch_size,
-                               num_cpus=d.decode_cpus)
+            ds = audio_dataset(d.root, spec, plan=plan, num_cpus=d.decode_cpus, groups=groups,
+                               order_seed=(cfg.train.seed, epoch))
             sizes.append(sum(plan.values()))
         else:
             # both phases draw fresh triplets; phase 2 with epochs after phase 1's
@@ -133,7 +137,7 @@ def epoch_datasets(cfg: Config, stage: str, checkpoint: str, image_emb=None) -> 
                                          cfg.train.seed, e)
             spec = AudioDecodeSpec(afe, "random", cfg.train.seed, e, prompts="fixed")
             ds = audio_dataset(d.root, spec, plan=plan, image_emb=(image_emb[0], image_emb[1]),
-                               batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
+                               num_cpus=d.decode_cpus, groups=groups, order_seed=(cfg.train.seed, e))
             sizes.append(sum(len(v) for v in plan.values()))
         datasets[f"epoch{epoch}"] = ds
     per_step = st.batch_size * cfg.train.num_workers * cfg.train.accum_freq
