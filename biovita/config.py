@@ -106,7 +106,7 @@ class TrainConfig:
     zero_stage: int = 2
     grad_clip: float = 1.0
     accum_freq: int = 1  # contrastive gradient accumulation (k micro-batches per step)
-    prefetch_batches: int = 8  # decoded batches read ahead, across epoch ends
+    prefetch_batches: int = 8  # decoded batches Ray Data reads ahead (across epoch ends too)
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at stage ends
     keep_checkpoints: int = 2

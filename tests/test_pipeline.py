@@ -45,7 +45,7 @@ def test_audio_pipeline_applies_plan_and_counts_bad_media(ray_local, synth_store
     plan = sampling.balanced_counts([t[0] for t in train], [t[1] for t in train], 20, 5, 0, 0)
     bad_in_plan = sum(n for i, n in plan.items() if i.startswith("bad_"))
     spec = AudioDecodeSpec(AudioFrontEnd(), "random", seed=0, epoch=0, stats_name=name)
-    ds = audio_dataset(str(root), spec, plan=plan)
+    ds = audio_dataset(str(root), spec, plans=[plan])
     n, texts, species = 0, [], []
     for b in ds.iter_torch_batches(batch_size=16, collate_fn=TorchCollate()):
         assert b["mel"].shape[1:] == (1, 1001, 64)
@@ -80,22 +80,27 @@ def test_full_pass_counts_every_corrupt_file_exactly(ray_local, synth_store):
     assert ni == manifest["image_rows"] - sum(manifest["corrupt"]["image"].values())
 
 
-def test_epochs_are_deterministic_per_seed(ray_local, synth_store):
+def test_epoch_stream_is_each_epoch_in_turn_and_deterministic(ray_local, synth_store):
+    """A stage streams all its epochs as one dataset; epoch e of the stream is exactly what a
+    one-epoch dataset with epoch offset e decodes (new crops and prompts each epoch)."""
     root, _ = synth_store
     meta = read_table(root, "audio", ["id", "species_id", "split"]).to_pydict()
     plan = {i: 1 for i, sp in zip(meta["id"], meta["split"]) if sp == "test"}
 
-    def run(epoch):
-        spec = AudioDecodeSpec(seed=3, epoch=epoch, stats_name=None)
+    def run(plans, offset=0):
+        spec = AudioDecodeSpec(seed=3, epoch=offset, stats_name=None)
         out = {}
-        for b in audio_dataset(str(root), spec, split="test", plan=plan).iter_batches(batch_size=64):
-            for k, m, t in zip(b["id"], b["mel"], b["text"]):
-                out[k] = (float(m.sum()), t)
+        ds = audio_dataset(str(root), spec, split="test", plans=plans, order_seed=(offset,))
+        for b in ds.iter_batches(batch_size=64):
+            for k, e, m, t in zip(b["id"], b["epoch"], b["mel"], b["text"]):
+                out[(int(e), k)] = (float(m.sum()), t)
         return out
 
-    e0, e0b, e1 = run(0), run(0), run(1)
-    assert e0 == e0b
-    assert e0 != e1  # new crops and prompts each epoch
+    both, e0, e1 = run([plan, plan]), run([plan]), run([plan], offset=1)
+    assert {k for k in both if k[0] == 0} == set(e0) and 0 < len(e0) <= len(plan)
+    assert {k: v for k, v in both.items() if k[0] == 0} == e0
+    assert {(0, k[1]): v for k, v in both.items() if k[0] == 1} == e1
+    assert e0 != {k: e1[k] for k in e0}  # new crops and prompts each epoch
 
 
 def test_row_group_selection_skips_unplanned_and_other_splits(synth_store):

@@ -59,5 +59,29 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, synth_store, tmp_path)
     assert read_meta(out)["metadata"]["step"] == 10  # ...and the run still ended at max_steps
     runs, steps = _history(cfg, "stage0", "loss")
     assert len(runs) == 1  # one MLflow run across the restart
-    logged = sorted({m.step for m in steps})
+    logged = sorted(m.step for m in steps)
     assert logged[-1] == 10 and 6 in logged  # logged before and after the failure
+    assert logged.count(2) == 1  # steps before the checkpoint were not trained (or logged) again
+    _, resumed = _history(cfg, "stage0", "resumed_from_step")
+    assert [m.value for m in resumed] == [3]  # the checkpoint of step 3, not a fresh start
+
+
+def test_restarted_workers_stream_from_the_checkpoint_epoch(ray_local, synth_store, tmp_path):
+    """Ray Train calls StageData at every (re)start: after a checkpoint in epoch 2 the stream
+    starts at epoch 2, so finished epochs are not decoded again."""
+    import json
+
+    import ray
+
+    from biovita.train.driver import StageData, progress_uri, resume_epoch, save_init
+    from biovita.train.loop import write_progress
+
+    root, _ = synth_store
+    cfg = _cfg(root, tmp_path, "stage0.epochs=4", "train.run_name=restart")
+    data = StageData(cfg.to_dict(), "stage0", save_init(cfg))
+    epochs = lambda ds: {int(e) for b in ds.iter_batches(batch_size=256) for e in b["epoch"]}  # noqa: E731
+    assert resume_epoch(cfg, "stage0") == 0 and epochs(data()) == {0, 1, 2, 3}
+    write_progress(progress_uri(cfg, "stage0"), {"epoch": 2, "step": 17})
+    assert json.loads(open(progress_uri(cfg, "stage0")).read()) == {"epoch": 2, "step": 17}
+    assert epochs(data()) == {2, 3}
+    assert ray.is_initialized()

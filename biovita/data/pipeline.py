@@ -9,7 +9,7 @@ nothing is ever replaced by silence or a blank image.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -98,7 +98,8 @@ def _get_shared(ref_box: list | None):
     ref = ref_box[0]
     key = ref.hex() if hasattr(ref, "hex") else str(id(ref))
     if key not in _CACHE:
-        _CACHE.clear()
+        if len(_CACHE) >= 4:  # a stage uses two (plans, image embeddings): keep both
+            _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
     return _CACHE[key]
 
@@ -126,13 +127,11 @@ class AudioDecodeSpec:
 
 
 def decode_audio_batch(
-    batch: dict[str, np.ndarray], spec: AudioDecodeSpec, plan_box: list | None = None,
-    image_emb_box: list | None = None,
+    batch: dict[str, np.ndarray], spec: AudioDecodeSpec, plan: dict | None = None,
+    image_emb: tuple[dict[str, int], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode a batch of clips. With a plan, each row is used as many times as the plan says
     (0 = dropped before decoding); a stage-2 plan also attaches the paired image embedding."""
-    plan = _get_shared(plan_box)
-    image_emb = _get_shared(image_emb_box)
     fe = spec.front_end
     waves, out_rows, bad = [], [], []
     cols = [c for c in batch if c != "bytes"]
@@ -162,7 +161,7 @@ def decode_audio_batch(
         out["text"] = np.asarray(
             [_prompt({c: batch[c][i] for c in cols}, spec, k) for i, k, _ in out_rows], dtype=object)
     if image_emb is not None:
-        index, matrix = image_emb
+        index, matrix = image_emb[0], image_emb[1]  # (id -> row, embeddings[, species])
         out["image_emb"] = (
             np.stack([matrix[index[extra]] for _, _, extra in out_rows]).astype(np.float32)
             if out_rows else np.zeros((0, matrix.shape[1]), np.float32)
@@ -181,9 +180,8 @@ class ImageDecodeSpec:
 
 
 def decode_image_batch(
-    batch: dict[str, np.ndarray], spec: ImageDecodeSpec, plan_box: list | None = None
+    batch: dict[str, np.ndarray], spec: ImageDecodeSpec, plan: dict | None = None
 ) -> dict[str, np.ndarray]:
-    plan = _get_shared(plan_box)
     fe = spec.front_end
     cols = [c for c in batch if c != "bytes"]
     pixels, rows, bad = [], [], []
@@ -259,23 +257,44 @@ def _read_row_groups(batch: dict[str, np.ndarray], fs, split: str | None) -> dic
     return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
 
 
-def _read_then_decode(batch: dict[str, np.ndarray], fs, split: str | None, decode, **kwargs):
-    return decode(_read_row_groups(batch, fs, split), **kwargs)
+def _read_then_decode(items: dict[str, np.ndarray], fs, split: str | None, decode, spec,
+                      plans_box: list | None = None, image_emb_box: list | None = None):
+    """One row group (one item) -> decoded rows; an item of an epoch stream decodes with that
+    epoch's plan and seeds and tags its rows with the epoch."""
+    rows = _read_row_groups(items, fs, split)
+    plans = _get_shared(plans_box)
+    epoch = int(items["epoch"][0]) if "epoch" in items else 0
+    kwargs = {"image_emb": _get_shared(image_emb_box)} if image_emb_box is not None else {}
+    out = decode(rows, replace(spec, epoch=spec.epoch + epoch),
+                 None if plans is None else plans[epoch], **kwargs)
+    if "epoch" in items:
+        out["epoch"] = np.full(len(out["id"]), epoch, np.int64)
+    return out
 
 
-def store_dataset(root: str, table: str, decode, fn_kwargs: dict, split: str | None = None,
-                  plan: dict | None = None, groups: list[RowGroup] | None = None,
-                  order_seed: tuple[int, ...] | None = None, num_cpus: float = 0.5):
+def store_dataset(root: str, table: str, decode, spec, split: str | None = None,
+                  plans: list[dict] | dict[int, dict] | None = None, image_emb=None,
+                  groups: list[RowGroup] | None = None, order_seed: tuple[int, ...] | None = None,
+                  num_cpus: float = 0.5):
     """Stream one table of the store (local folder or object-store URI) through `decode`.
 
     One Ray Data task reads one Parquet row group and decodes it: reading and decoding are a
     single operator, so every CPU Ray gives the dataset decodes, no encoded bytes travel
     through the object store, and row groups that hold no row of `split` or of the plan are
-    never read. `order_seed` shuffles the row-group order (a new order each epoch)."""
+    never read. With `plans` (one per epoch, or epoch -> plan) the dataset is every epoch in turn, each with its
+    plan and a row-group order drawn from `order_seed` and the epoch, and its rows carry an
+    `epoch` column: one dataset, one execution and one set of decode workers for a whole stage."""
     fs, _ = filesystem(table_uri(root, table))
     groups = row_groups(root, table) if groups is None else groups
-    keep = select_row_groups(groups, split, plan, order_seed)
-    items = [{"path": g.path, "row_group": g.index} for g in keep]
+    if plans is None:
+        items = [{"path": g.path, "row_group": g.index}
+                 for g in select_row_groups(groups, split, None, order_seed)]
+    else:
+        plans = dict(enumerate(plans)) if isinstance(plans, list) else plans  # epoch -> plan
+        items = [{"path": g.path, "row_group": g.index, "epoch": e}
+                 for e, plan in plans.items()
+                 for g in select_row_groups(groups, split, plan,
+                                            None if order_seed is None else (*order_seed, e))]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # Ray Data's per-operator resource reservation counts the CPU-less input operator as a
     # claimant: the decode operator then ran ~1.4 tasks on 2 CPUs. Decoding is the one
@@ -283,7 +302,8 @@ def store_dataset(root: str, table: str, decode, fn_kwargs: dict, split: str | N
     ds.context.op_resource_reservation_enabled = False
     return ds.map_batches(
         _read_then_decode,
-        fn_kwargs={"fs": fs, "split": split, "decode": decode, **fn_kwargs},
+        fn_kwargs={"fs": fs, "split": split, "decode": decode, "spec": spec,
+                   "plans_box": _box(plans), "image_emb_box": _box(image_emb)},
         batch_size=1,
         batch_format="numpy",
         compute=TaskPoolStrategy(),
@@ -293,7 +313,9 @@ def store_dataset(root: str, table: str, decode, fn_kwargs: dict, split: str | N
 
 def _box(obj: Any) -> list | None:
     # a one-element list keeps Ray from resolving the ref eagerly into every task's arguments
-    return None if obj is None else [ray.put(obj)]
+    if obj is None:
+        return None
+    return [obj if isinstance(obj, ray.ObjectRef) else ray.put(obj)]
 
 
 def decode_audio(ds, spec: AudioDecodeSpec, batch_size: int = 16, num_cpus: float = 0.5):
@@ -309,24 +331,23 @@ def decode_images(ds, spec: ImageDecodeSpec, batch_size: int = 32, num_cpus: flo
 
 
 def audio_dataset(
-    root: str, spec: AudioDecodeSpec, split: str | None = "train", plan: dict | None = None,
+    root: str, spec: AudioDecodeSpec, split: str | None = "train", plans: list[dict] | None = None,
     image_emb: tuple[dict[str, int], np.ndarray] | None = None, num_cpus: float = 0.5,
     groups: list[RowGroup] | None = None, order_seed: tuple[int, ...] | None = None,
 ):
-    """Decoded clips: {id, taxonomy..., species_id, mel (1 x T x 64)[, text][, image_emb]}."""
-    return store_dataset(root, "audio", decode_audio_batch,
-                         {"spec": spec, "plan_box": _box(plan), "image_emb_box": _box(image_emb)},
-                         split, plan, groups, order_seed, num_cpus)
+    """Decoded clips: {id, taxonomy..., species_id, mel (1 x T x 64)[, text][, image_emb][, epoch]}."""
+    return store_dataset(root, "audio", decode_audio_batch, spec, split, plans, image_emb, groups,
+                         order_seed, num_cpus)
 
 
 def image_dataset(
-    root: str, spec: ImageDecodeSpec, split: str | None = "train", plan: dict | None = None,
+    root: str, spec: ImageDecodeSpec, split: str | None = "train", plans: list[dict] | None = None,
     num_cpus: float = 0.5, groups: list[RowGroup] | None = None,
     order_seed: tuple[int, ...] | None = None,
 ):
-    """Decoded images: {id, taxonomy..., species_id, pixels (3 x S x S)[, text]}."""
-    return store_dataset(root, "image", decode_image_batch, {"spec": spec, "plan_box": _box(plan)},
-                         split, plan, groups, order_seed, num_cpus)
+    """Decoded images: {id, taxonomy..., species_id, pixels (3 x S x S)[, text][, epoch]}."""
+    return store_dataset(root, "image", decode_image_batch, spec, split, plans, None, groups,
+                         order_seed, num_cpus)
 
 
 def read_files_batch(batch: dict[str, np.ndarray], base: str = "") -> dict[str, np.ndarray]:

@@ -10,16 +10,18 @@ checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from biovita.config import Config, StageConfig
+from biovita.config import Config, StageConfig, config_from_dict
 from biovita.data import sampling
 from biovita.data.pipeline import (
     STATS_ACTOR,
@@ -102,47 +104,100 @@ def _train_meta(root: str, table: str) -> tuple[list[str], list[int]]:
     return [r[0] for r in rows], [int(r[1]) for r in rows]
 
 
-def epoch_datasets(cfg: Config, stage: str, checkpoint: str, image_emb=None) -> tuple[dict, int]:
-    """One lazily-executed Ray Dataset per epoch (each with its own species-balanced plan),
-    and the number of optimizer steps per epoch."""
+def stage_plans(cfg: Config, stage: str, image_emb=None) -> tuple[str, list[dict]]:
+    """(table, one species-balanced plan per epoch), from the store's metadata alone.
+    Deterministic: the driver and every (re)start of the stage's workers draw the same plans."""
     st = stage_params(cfg, stage)
-    d = cfg.data
-    afe, ife = front_ends(checkpoint)
-    # the metadata is read once; each epoch only draws a new plan from it
+    d, seed = cfg.data, cfg.train.seed
     table = "image" if stage == "stage0" else "audio"
-    ids, species = _train_meta(d.root, table)
-    groups = row_groups(d.root, table)
-    if image_emb is not None:
-        i_ids, i_sp = list(image_emb[0]), [int(s) for s in image_emb[2]]
-    datasets, sizes = {}, []
-    for epoch in range(st.epochs):
-        if stage == "stage0":
-            plan = sampling.balanced_counts(ids, species, cfg.stage0.images_per_species,
-                                            d.per_species_min, cfg.train.seed, epoch)
-            ds = image_dataset(d.root, ImageDecodeSpec(ife, d.max_image_pixels, cfg.train.seed, epoch),
-                               plan=plan, num_cpus=d.decode_cpus, groups=groups,
-                               order_seed=(cfg.train.seed, epoch))
-            sizes.append(sum(plan.values()))
-        elif stage == "stage1":
-            plan = sampling.balanced_counts(ids, species, d.per_species_cap, d.per_species_min,
-                                            cfg.train.seed, epoch)
-            spec = AudioDecodeSpec(afe, "random", cfg.train.seed, epoch, prompts="random")
-            ds = audio_dataset(d.root, spec, plan=plan, num_cpus=d.decode_cpus, groups=groups,
-                               order_seed=(cfg.train.seed, epoch))
-            sizes.append(sum(plan.values()))
-        else:
-            # both phases draw fresh triplets; phase 2 with epochs after phase 1's
-            e = epoch + (cfg.stage2.phase1.epochs if stage == "stage2.phase2" else 0)
-            plan = sampling.triplet_plan(ids, species, i_ids, i_sp, d.triplets_per_species,
-                                         cfg.train.seed, e)
-            spec = AudioDecodeSpec(afe, "random", cfg.train.seed, e, prompts="fixed")
-            ds = audio_dataset(d.root, spec, plan=plan, image_emb=(image_emb[0], image_emb[1]),
-                               num_cpus=d.decode_cpus, groups=groups, order_seed=(cfg.train.seed, e))
-            sizes.append(sum(len(v) for v in plan.values()))
-        datasets[f"epoch{epoch}"] = ds
+    ids, species = _train_meta(d.root, table)  # read once; each epoch only draws a new plan
+    if stage == "stage0":
+        return table, [sampling.balanced_counts(ids, species, cfg.stage0.images_per_species,
+                                                d.per_species_min, seed, e) for e in range(st.epochs)]
+    if stage == "stage1":
+        return table, [sampling.balanced_counts(ids, species, d.per_species_cap, d.per_species_min,
+                                                seed, e) for e in range(st.epochs)]
+    # both phases draw fresh triplets; phase 2 with epochs after phase 1's
+    first = _phase_offset(cfg, stage)
+    i_ids, i_sp = list(image_emb[0]), [int(s) for s in image_emb[2]]
+    return table, [sampling.triplet_plan(ids, species, i_ids, i_sp, d.triplets_per_species, seed,
+                                         first + e) for e in range(st.epochs)]
+
+
+def _phase_offset(cfg: Config, stage: str) -> int:
+    return cfg.stage2.phase1.epochs if stage == "stage2.phase2" else 0
+
+
+def steps_per_epoch(cfg: Config, stage: str, plans: list[dict]) -> int:
+    """Optimizer steps of the smallest epoch (every epoch trains the same number of steps)."""
+    st = stage_params(cfg, stage)
+    sizes = [sum(v if isinstance(v, int) else len(v) for v in p.values()) for p in plans]
     per_step = st.batch_size * cfg.train.num_workers * cfg.train.accum_freq
-    steps = min(sizes) // per_step if sizes else 0
-    return datasets, steps
+    return min(sizes) // per_step if sizes else 0
+
+
+def stage_dataset(cfg: Config, stage: str, checkpoint: str, image_emb=None, first_epoch: int = 0):
+    """The stage's training data from `first_epoch` on: one lazily-executed Ray Dataset that
+    streams every epoch in turn, each with its own plan and row-group order.
+
+    One dataset for all epochs, not one per epoch: each Ray Dataset that Ray Train splits gets
+    its own coordinator actor and execution start, and between two of them the idle decode
+    workers were reaped, so every epoch paid for new processes importing torch."""
+    import ray
+
+    d, seed = cfg.data, cfg.train.seed
+    afe, ife = front_ends(checkpoint)
+    # stage 2: (id -> row, embeddings, species), or an ObjectRef to it (passed on as is)
+    emb = ray.get(image_emb) if isinstance(image_emb, ray.ObjectRef) else image_emb
+    table, plans = stage_plans(cfg, stage, emb)
+    plans = {e: p for e, p in enumerate(plans) if e >= first_epoch}
+    groups = row_groups(d.root, table)
+    if stage == "stage0":
+        return image_dataset(d.root, ImageDecodeSpec(ife, d.max_image_pixels, seed), plans=plans,
+                             num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,))
+    if stage == "stage1":
+        return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, prompts="random"),
+                             plans=plans, num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,))
+    first = _phase_offset(cfg, stage)
+    return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, first, prompts="fixed"),
+                         plans=plans, image_emb=image_emb, num_cpus=d.decode_cpus, groups=groups,
+                         order_seed=(seed, first))
+
+
+def progress_uri(cfg: Config, stage: str) -> str:
+    return f"{run_dir(cfg)}/progress/{stage}.json"
+
+
+def resume_epoch(cfg: Config, stage: str) -> int:
+    """The epoch of the stage's last checkpoint (0 without one): the worker writes it after
+    each checkpoint Ray Train has persisted, so it never runs ahead of the checkpoint."""
+    uri = progress_uri(cfg, stage)
+    if not path_exists(uri):
+        return 0
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return int(json.loads(f.read())["epoch"])
+
+
+@dataclass
+class StageData:
+    """The `datasets` entry Ray Train calls each time it starts (or restarts) the stage's
+    workers: the stream begins at the epoch of the last checkpoint, so a resumed stage does
+    not decode the epochs it already finished again (the worker then skips the batches of
+    that epoch it trained on)."""
+
+    config: dict
+    stage: str
+    checkpoint: str
+    image_emb: Any = None  # an ObjectRef to (id -> row, embeddings, species) for stage 2
+    env: dict = field(default_factory=dict)  # the driver's storage settings (s3 endpoints)
+
+    def __call__(self):
+        for k, v in self.env.items():
+            os.environ.setdefault(k, v)
+        cfg = config_from_dict(self.config)
+        return stage_dataset(cfg, self.stage, self.checkpoint, self.image_emb,
+                             resume_epoch(cfg, self.stage))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -183,7 +238,7 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
         print(f"[{stage}] already finished: {out}", flush=True)
         return out
     st = stage_params(cfg, stage)
-    datasets, steps = epoch_datasets(cfg, stage, init, image_emb)
+    steps = steps_per_epoch(cfg, stage, stage_plans(cfg, stage, image_emb)[1])
     if steps == 0:
         raise ValueError(f"{stage}: an epoch holds fewer samples than one global batch "
                          f"({st.batch_size} x {cfg.train.num_workers} workers); lower the batch size")
@@ -199,8 +254,11 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
         "steps_per_epoch": steps, "init_checkpoint": init, "export_to": out,
         "baseline_atc": baseline_atc, "taxa": trained_taxa(cfg.data.root),
         "mlflow": {"uri": child.uri, "run_id": child.run_id} if child else None,
-        "report_every_log": report_every_log,
+        "report_every_log": report_every_log, "progress_to": progress_uri(cfg, stage),
     }
+    import ray
+
+    emb_ref = ray.put(image_emb) if image_emb is not None else None  # once, not per restart
     use_gpu = cfg.train.use_gpu
     fs, storage = filesystem(run_dir(cfg) + "/ray")  # resolves s3:// endpoints (MinIO, moto)
     trainer = TorchTrainer(
@@ -212,8 +270,8 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
                                   **cfg.train.worker_resources}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
+        datasets={"train": StageData(cfg.to_dict(), stage, init, emb_ref, forwarded_env())},
+        dataset_config=DataConfig(datasets_to_split="all", execution_options=_in_order()),
         run_config=RunConfig(
             name=f"{cfg.train.run_name}-{stage.replace('.', '-')}",
             storage_path=storage,
@@ -239,6 +297,14 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
     if not stage_done(cfg, stage):
         raise RuntimeError(f"{stage} finished without exporting a model to {out}")
     return out
+
+
+def _in_order():
+    """Ray Train's ingest options with the stream kept in order: epochs arrive one after the
+    other (the loop counts its position per epoch; a resume relies on it)."""
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
 
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -131,6 +129,16 @@ def batch_top1(a: torch.Tensor, b: torch.Tensor) -> float:
         return (a @ b.T).argmax(1).eq(torch.arange(len(a), device=a.device)).float().mean().item()
 
 
+def write_progress(uri: str, state: dict) -> None:
+    """Where the last checkpoint stands in the data: the next (re)start streams from here."""
+    from biovita.data.store import filesystem
+
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps({"epoch": state["epoch"], "step": state["step"]}).encode())
+
+
 def _record_node() -> None:
     """Tell the job's stats actor which node this worker trains on (placement checks)."""
     import ray
@@ -152,48 +160,14 @@ def _maybe_inject_failure(step: int) -> None:
     ctx = ray.train.get_context()
     if ctx.get_world_rank() == min(1, ctx.get_world_size() - 1):
         Path(marker).write_text(str(step))
+        # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S):
+        # a checkpoint reported just before a crash is lost, and the run resumes from the one
+        # before it. Wait, so that the test knows which checkpoint it resumes from.
+        time.sleep(5)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def epoch_batches(first: int, epochs: int, batches_of, depth: int):
-    """(epoch, index, batch) for epochs first..epochs-1, in order. A thread reads up to `depth`
-    batches ahead, across epoch ends too: each epoch is its own Ray Dataset, which starts
-    decoding only when iterated, so without this every epoch would begin with the trainer
-    idle while the first blocks decode."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    end = object()
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():  # a consumer that stopped early must not leave us blocked
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def run() -> None:
-        try:
-            for e in range(first, epochs):
-                for i, b in enumerate(batches_of(e)):
-                    if not put((e, i, b)):
-                        return
-            put(end)
-        except BaseException as exc:  # re-raised in the training thread
-            put(exc)
-
-    threading.Thread(target=run, name="biovita-prefetch", daemon=True).start()
-    try:
-        while (item := q.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
@@ -232,6 +206,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[{stage}] resumed from checkpoint at step {state['step']} "
                   f"(epoch {state['epoch']}, batch {state['batch_in_epoch']})", flush=True)
+            if logger:
+                logger.metrics({"resumed_from_step": state["step"]}, step=state["step"])
     gate = (schedules.ATCGate.from_state(state["gate"]) if state.get("gate") else
             schedules.ATCGate(baseline=state["baseline_atc"] or 1.0, alpha=s2.gate_alpha,
                               off_ratio=s2.gate_off_ratio, on_ratio=s2.gate_on_ratio,
@@ -251,6 +227,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 export_consolidated(eng, module, loop_cfg["export_to"], stage, state, metrics,
                                     loop_cfg.get("taxa"))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if rank == 0 and loop_cfg.get("progress_to"):  # after the checkpoint is persisted
+            write_progress(loop_cfg["progress_to"], state)
 
     window: dict[str, list[float]] = {}
     t_last, n_last = time.time(), 0
@@ -258,18 +236,23 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     done = state["step"] >= total_steps
     last_metrics: dict[str, float] = {}
 
-    def batches_of(epoch: int):
-        shard = ray.train.get_dataset_shard(f"epoch{epoch}")
-        return shard.iter_torch_batches(batch_size=B, collate_fn=TorchCollate(), drop_last=True,
-                                        local_shuffle_buffer_size=4 * B,
-                                        local_shuffle_seed=cfg.train.seed * 7919 + epoch * 31 + rank)
-
+    # One stream of batches for the whole stage: every epoch in turn (from the checkpoint's
+    # epoch on, after a restart), rows tagged with their epoch. Ray Data reads
+    # `prefetch_batches` batches ahead, across epoch ends too.
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_torch_batches(
+        batch_size=B, collate_fn=TorchCollate(), drop_last=True, local_shuffle_buffer_size=4 * B,
+        local_shuffle_seed=cfg.train.seed * 7919 + state["epoch"] * 31 + rank,
+        prefetch_batches=cfg.train.prefetch_batches)
+    # A batch belongs to the oldest epoch among its rows (the shuffle buffer mixes the end of
+    # one epoch with the start of the next). A resume skips the batches of the checkpoint's
+    # epoch it trained on: the data position is restored to within the 4-batch buffer.
+    per_epoch: dict[int, int] = {}  # batches seen so far of each epoch
     micro: list[dict] = []
-    for epoch, i, batch in ([] if done else epoch_batches(state["epoch"], st["epochs"], batches_of,
-                                                          cfg.train.prefetch_batches)):
-        if epoch != state["epoch"]:  # a new epoch: micro-batches do not straddle epochs
-            state["epoch"], state["batch_in_epoch"], micro = epoch, 0, []
-        if i < state["batch_in_epoch"]:
+    for batch in ([] if done else batches):
+        epoch = int(batch.pop("epoch").min())
+        i = per_epoch[epoch] = per_epoch.get(epoch, -1) + 1
+        if (epoch, i) < (state["epoch"], state["batch_in_epoch"]):
             continue  # resume: skip what the checkpointed run already trained on
         micro.append(batch)
         if len(micro) < k:
@@ -283,7 +266,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             with eng.gathered([module.logit_scale]):
                 losses.clamp_logit_scale(module.logit_scale)
         state["step"] += 1
-        state["batch_in_epoch"] = i + 1
+        state["epoch"], state["batch_in_epoch"] = epoch, i + 1
         if "atc" in parts:
             atc_hist.add(parts["atc"])
         for key, v in parts.items():
