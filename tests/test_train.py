@@ -51,7 +51,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, synth_store, tmp_path)
 
     root, _ = synth_store
     marker = tmp_path / "killed"
-    cfg = _cfg(root, tmp_path, "stage0.epochs=4", "stage0.max_steps=10", "train.checkpoint_every=3",
+    cfg = _cfg(root, tmp_path, "stage0.epochs=6", "stage0.max_steps=10", "train.checkpoint_every=3",
                "train.max_failures=1", "train.run_name=faulty")
     out = run_stage(cfg, "stage0", save_init(cfg), Tracker(cfg),
                     worker_env={"BIOVITA_KILL_AT_STEP": "5", "BIOVITA_KILL_MARKER": str(marker)})

@@ -154,14 +154,16 @@ def stage_dataset(cfg: Config, stage: str, checkpoint: str, image_emb=None, firs
     groups = row_groups(d.root, table)
     if stage == "stage0":
         return image_dataset(d.root, ImageDecodeSpec(ife, d.max_image_pixels, seed), plans=plans,
-                             num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,))
+                             num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,),
+                             concurrency=d.decode_concurrency)
     if stage == "stage1":
         return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, prompts="random"),
-                             plans=plans, num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,))
+                             plans=plans, num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,),
+                             concurrency=d.decode_concurrency)
     first = _phase_offset(cfg, stage)
     return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, first, prompts="fixed"),
                          plans=plans, image_emb=image_emb, num_cpus=d.decode_cpus, groups=groups,
-                         order_seed=(seed, first))
+                         order_seed=(seed, first), concurrency=d.decode_concurrency)
 
 
 def progress_uri(cfg: Config, stage: str) -> str:
@@ -183,8 +185,7 @@ def resume_epoch(cfg: Config, stage: str) -> int:
 class StageData:
     """The `datasets` entry Ray Train calls each time it starts (or restarts) the stage's
     workers: the stream begins at the epoch of the last checkpoint, so a resumed stage does
-    not decode the epochs it already finished again (the worker then skips the batches of
-    that epoch it trained on)."""
+    not decode the epochs it already finished again."""
 
     config: dict
     stage: str
@@ -271,7 +272,7 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
                                   **cfg.train.worker_resources}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": StageData(cfg.to_dict(), stage, init, emb_ref, forwarded_env())},
-        dataset_config=DataConfig(datasets_to_split="all", execution_options=_in_order()),
+        dataset_config=DataConfig(datasets_to_split="all"),
         run_config=RunConfig(
             name=f"{cfg.train.run_name}-{stage.replace('.', '-')}",
             storage_path=storage,
@@ -297,14 +298,6 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
     if not stage_done(cfg, stage):
         raise RuntimeError(f"{stage} finished without exporting a model to {out}")
     return out
-
-
-def _in_order():
-    """Ray Train's ingest options with the stream kept in order: epochs arrive one after the
-    other (the loop counts its position per epoch; a resume relies on it)."""
-    opts = DataConfig.default_ingest_options()
-    opts.preserve_order = True
-    return opts
 
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",

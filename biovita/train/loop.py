@@ -197,7 +197,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     module = eng.module
     tokenizer = module.tokenizer()
 
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "gate": None, "atc_hist": [],
+    state = {"epoch": 0, "step": 0, "gate": None, "atc_hist": [],
              "baseline_atc": loop_cfg.get("baseline_atc")}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -205,7 +205,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             state = eng.load(d)
         if rank == 0:
             print(f"[{stage}] resumed from checkpoint at step {state['step']} "
-                  f"(epoch {state['epoch']}, batch {state['batch_in_epoch']})", flush=True)
+                  f"(data from the start of epoch {state['epoch']})", flush=True)
             if logger:
                 logger.metrics({"resumed_from_step": state["step"]}, step=state["step"])
     gate = (schedules.ATCGate.from_state(state["gate"]) if state.get("gate") else
@@ -238,22 +238,17 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     # One stream of batches for the whole stage: every epoch in turn (from the checkpoint's
     # epoch on, after a restart), rows tagged with their epoch. Ray Data reads
-    # `prefetch_batches` batches ahead, across epoch ends too.
+    # `prefetch_batches` batches ahead, across epoch ends too. Decode tasks finish out of
+    # order, so the end of one epoch mixes with the start of the next; a batch counts as its
+    # oldest epoch. A resumed stage starts its data at the beginning of the checkpoint's epoch.
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_torch_batches(
         batch_size=B, collate_fn=TorchCollate(), drop_last=True, local_shuffle_buffer_size=4 * B,
         local_shuffle_seed=cfg.train.seed * 7919 + state["epoch"] * 31 + rank,
         prefetch_batches=cfg.train.prefetch_batches)
-    # A batch belongs to the oldest epoch among its rows (the shuffle buffer mixes the end of
-    # one epoch with the start of the next). A resume skips the batches of the checkpoint's
-    # epoch it trained on: the data position is restored to within the 4-batch buffer.
-    per_epoch: dict[int, int] = {}  # batches seen so far of each epoch
     micro: list[dict] = []
     for batch in ([] if done else batches):
         epoch = int(batch.pop("epoch").min())
-        i = per_epoch[epoch] = per_epoch.get(epoch, -1) + 1
-        if (epoch, i) < (state["epoch"], state["batch_in_epoch"]):
-            continue  # resume: skip what the checkpointed run already trained on
         micro.append(batch)
         if len(micro) < k:
             continue
@@ -266,7 +261,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             with eng.gathered([module.logit_scale]):
                 losses.clamp_logit_scale(module.logit_scale)
         state["step"] += 1
-        state["epoch"], state["batch_in_epoch"] = epoch, i + 1
+        state["epoch"] = epoch
         if "atc" in parts:
             atc_hist.add(parts["atc"])
         for key, v in parts.items():
