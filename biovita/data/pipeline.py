@@ -275,7 +275,7 @@ def _read_then_decode(items: dict[str, np.ndarray], fs, split: str | None, decod
 def store_dataset(root: str, table: str, decode, spec, split: str | None = None,
                   plans: list[dict] | dict[int, dict] | None = None, image_emb=None,
                   groups: list[RowGroup] | None = None, order_seed: tuple[int, ...] | None = None,
-                  num_cpus: float = 0.5, concurrency: int = 0):
+                  num_cpus: float = 0.5, max_tasks: int = 0):
     """Stream one table of the store (local folder or object-store URI) through `decode`.
 
     One Ray Data task reads one Parquet row group and decodes it: reading and decoding are a
@@ -284,7 +284,7 @@ def store_dataset(root: str, table: str, decode, spec, split: str | None = None,
     never read. With `plans` (one per epoch, or epoch -> plan) the dataset is every epoch in turn, each with its
     plan and a row-group order drawn from `order_seed` and the epoch, and its rows carry an
     `epoch` column: one dataset, one execution and one set of decode workers for a whole stage.
-    `concurrency` caps the decode tasks in flight (0: the cluster's CPUs / `num_cpus`, counted
+    `max_tasks` caps the decode tasks in flight (0: the cluster's CPUs / `num_cpus`, counted
     now; set it on an autoscaling cluster)."""
     fs, _ = filesystem(table_uri(root, table))
     groups = row_groups(root, table) if groups is None else groups
@@ -303,15 +303,15 @@ def store_dataset(root: str, table: str, decode, spec, split: str | None = None,
     # submit every task at once (a whole stage decoded ahead into the object store), so the
     # task pool is capped instead: memory stays bounded and tasks run close to stream order.
     ds.context.op_resource_reservation_enabled = False
-    if not concurrency:
-        concurrency = max(1, round(ray.cluster_resources().get("CPU", 1) / num_cpus))
+    if not max_tasks:
+        max_tasks = max(1, round(ray.cluster_resources().get("CPU", 1) / num_cpus))
     return ds.map_batches(
         _read_then_decode,
         fn_kwargs={"fs": fs, "split": split, "decode": decode, "spec": spec,
                    "plans_box": _box(plans), "image_emb_box": _box(image_emb)},
         batch_size=1,
         batch_format="numpy",
-        compute=TaskPoolStrategy(size=concurrency),
+        compute=TaskPoolStrategy(size=max_tasks),
         num_cpus=num_cpus,
     )
 
@@ -339,21 +339,21 @@ def audio_dataset(
     root: str, spec: AudioDecodeSpec, split: str | None = "train", plans: list[dict] | None = None,
     image_emb: tuple[dict[str, int], np.ndarray] | None = None, num_cpus: float = 0.5,
     groups: list[RowGroup] | None = None, order_seed: tuple[int, ...] | None = None,
-    concurrency: int = 0,
+    max_tasks: int = 0,
 ):
     """Decoded clips: {id, taxonomy..., species_id, mel (1 x T x 64)[, text][, image_emb][, epoch]}."""
     return store_dataset(root, "audio", decode_audio_batch, spec, split, plans, image_emb, groups,
-                         order_seed, num_cpus, concurrency)
+                         order_seed, num_cpus, max_tasks)
 
 
 def image_dataset(
     root: str, spec: ImageDecodeSpec, split: str | None = "train", plans: list[dict] | None = None,
     num_cpus: float = 0.5, groups: list[RowGroup] | None = None,
-    order_seed: tuple[int, ...] | None = None, concurrency: int = 0,
+    order_seed: tuple[int, ...] | None = None, max_tasks: int = 0,
 ):
     """Decoded images: {id, taxonomy..., species_id, pixels (3 x S x S)[, text][, epoch]}."""
     return store_dataset(root, "image", decode_image_batch, spec, split, plans, None, groups,
-                         order_seed, num_cpus, concurrency)
+                         order_seed, num_cpus, max_tasks)
 
 
 def read_files_batch(batch: dict[str, np.ndarray], base: str = "") -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -143,8 +144,6 @@ def stage_dataset(cfg: Config, stage: str, checkpoint: str, image_emb=None, firs
     One dataset for all epochs, not one per epoch: each Ray Dataset that Ray Train splits gets
     its own coordinator actor and execution start, and between two of them the idle decode
     workers were reaped, so every epoch paid for new processes importing torch."""
-    import ray
-
     d, seed = cfg.data, cfg.train.seed
     afe, ife = front_ends(checkpoint)
     # stage 2: (id -> row, embeddings, species), or an ObjectRef to it (passed on as is)
@@ -155,15 +154,15 @@ def stage_dataset(cfg: Config, stage: str, checkpoint: str, image_emb=None, firs
     if stage == "stage0":
         return image_dataset(d.root, ImageDecodeSpec(ife, d.max_image_pixels, seed), plans=plans,
                              num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,),
-                             concurrency=d.decode_concurrency)
+                             max_tasks=d.decode_concurrency)
     if stage == "stage1":
         return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, prompts="random"),
                              plans=plans, num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,),
-                             concurrency=d.decode_concurrency)
+                             max_tasks=d.decode_concurrency)
     first = _phase_offset(cfg, stage)
     return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, first, prompts="fixed"),
                          plans=plans, image_emb=image_emb, num_cpus=d.decode_cpus, groups=groups,
-                         order_seed=(seed, first), concurrency=d.decode_concurrency)
+                         order_seed=(seed, first), max_tasks=d.decode_concurrency)
 
 
 def progress_uri(cfg: Config, stage: str) -> str:
@@ -257,8 +256,6 @@ def run_stage(cfg: Config, stage: str, init: str, tracker: Tracker, image_emb=No
         "mlflow": {"uri": child.uri, "run_id": child.run_id} if child else None,
         "report_every_log": report_every_log, "progress_to": progress_uri(cfg, stage),
     }
-    import ray
-
     emb_ref = ray.put(image_emb) if image_emb is not None else None  # once, not per restart
     use_gpu = cfg.train.use_gpu
     fs, storage = filesystem(run_dir(cfg) + "/ray")  # resolves s3:// endpoints (MinIO, moto)
