@@ -37,7 +37,10 @@ class DataConfig:
     triplets_per_species: int = 20  # stage-2 triplets per species and epoch
     max_image_pixels: int = 50_000_000  # decompression-bomb guard
     decode_cpus: float = 0.5  # logical CPUs per decode task (fractional: avoids starving Train)
-    decode_concurrency: int = 0  # decode tasks in flight; 0 = cluster CPUs / decode_cpus at start
+    # decode workers: a training stream's actor pool, a single pass's tasks in flight;
+    # 0 = (cluster CPUs at start - the training workers' CPUs) / decode_cpus
+    decode_concurrency: int = 0
+    decode_ahead_mb: float = 512  # decoded data that may wait for the trainer before decoding pauses
 
 
 @dataclass
@@ -345,6 +348,7 @@ def _validate(cfg: Config) -> None:
     _require(d.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
     _require(0 < d.decode_cpus <= 64, "data.decode_cpus", f"must be in (0, 64], got {d.decode_cpus}")
     _require(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0")
+    _require(d.decode_ahead_mb > 0, "data.decode_ahead_mb", f"must be > 0, got {d.decode_ahead_mb}")
     _require(d.synth_species >= 8, "data.synth_species", f"must be >= 8, got {d.synth_species}")
     if not _is_remote(d.root) and not d.synth_if_missing:
         _require(

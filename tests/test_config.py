@@ -47,6 +47,7 @@ def test_paper_recipe_has_method_numbers():
     ("model.name=resnet", "model.name"),
     ("train.use_gpu=maybe", "train.use_gpu"),
     ("stage2.gate_on_ratio=1.5", "stage2.gate_on_ratio"),
+    ("data.decode_ahead_mb=0", "data.decode_ahead_mb"),
 ])
 def test_bad_values_name_the_key(override, key, tmp_path):
     with pytest.raises(ConfigError) as e:

@@ -9,13 +9,22 @@ nothing is ever replaced by silence or a blank image.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-from ray.data import TaskPoolStrategy
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.data._internal.execution.backpressure_policy import (
+    ENABLED_BACKPRESSURE_POLICIES,
+    ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
+    BackpressurePolicy,
+    DownstreamCapacityBackpressurePolicy,
+)
+from ray.data._internal.execution.operators.map_operator import MapOperator
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from biovita.audio import AudioFrontEnd, load_clip, log_mel
@@ -272,20 +281,78 @@ def _read_then_decode(items: dict[str, np.ndarray], fs, split: str | None, decod
     return out
 
 
+DECODE_AHEAD_KEY = "biovita.decode_ahead_bytes"
+
+
+class DecodeAhead(BackpressurePolicy):
+    """Hold back new decode tasks while decoded, not yet consumed data (queued in the
+    dataset and prefetched by its consumers) exceeds `decode_ahead_bytes`; never hold back
+    reading the outputs of finished tasks.
+
+    Replaces Ray Data's downstream-capacity policy, which also stops reading finished
+    outputs: those tasks then stay ready, `ray.wait` in the executor's loop returns at once,
+    and the loop spins on a full core for as long as the consumer is slower than decoding
+    (measured: the SplitCoordinator at ~90% CPU on 2 cores, the trainer beside it slowed
+    3-6x). That policy also bounded nothing when the consumer was a plain iterator."""
+
+    def can_add_input(self, op) -> bool:
+        limit = self._data_context.get_config(DECODE_AHEAD_KEY)
+        if limit is None or not isinstance(op, MapOperator):
+            return True
+        rm = self._resource_manager
+        return rm.get_global_usage().object_store_memory + rm.get_external_consumer_bytes() < limit
+
+
+class IdleWait(ExecutionCallback):
+    """Sleep a scheduling-loop step that had no task to wait for.
+
+    Ray Data's loop blocks only in `ray.wait` on running tasks; while dispatch is held back
+    and no task runs (the consumer is slower than decoding, the common case when training
+    on CPU) it would spin on a full core."""
+
+    SLEEP_S = 0.05
+
+    def on_execution_step(self, executor) -> None:
+        if not any(op.get_active_tasks() for op in executor._topology):
+            time.sleep(self.SLEEP_S)
+
+
+BACKPRESSURE_POLICIES = [p for p in ENABLED_BACKPRESSURE_POLICIES
+                         if p is not DownstreamCapacityBackpressurePolicy] + [DecodeAhead]
+
+
+class _StreamDecoder:
+    """A decode actor of an epoch stream (see `store_dataset`)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+
+    def __call__(self, items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _read_then_decode(items, **self.kwargs)
+
+
 def store_dataset(root: str, table: str, decode, spec, split: str | None = None,
                   plans: list[dict] | dict[int, dict] | None = None, image_emb=None,
                   groups: list[RowGroup] | None = None, order_seed: tuple[int, ...] | None = None,
-                  num_cpus: float = 0.5, max_tasks: int = 0):
+                  num_cpus: float = 0.5, decoders: int = 0, reserved_cpus: float = 0.0,
+                  ahead_mb: float = 512):
     """Stream one table of the store (local folder or object-store URI) through `decode`.
 
     One Ray Data task reads one Parquet row group and decodes it: reading and decoding are a
     single operator, so every CPU Ray gives the dataset decodes, no encoded bytes travel
     through the object store, and row groups that hold no row of `split` or of the plan are
-    never read. With `plans` (one per epoch, or epoch -> plan) the dataset is every epoch in turn, each with its
-    plan and a row-group order drawn from `order_seed` and the epoch, and its rows carry an
-    `epoch` column: one dataset, one execution and one set of decode workers for a whole stage.
-    `max_tasks` caps the decode tasks in flight (0: the cluster's CPUs / `num_cpus`, counted
-    now; set it on an autoscaling cluster)."""
+    never read.
+
+    With `plans` (one per epoch, or epoch -> plan) the dataset is a training stream: every
+    epoch in turn, each with its plan and a row-group order drawn from `order_seed` and the
+    epoch, rows tagged with their `epoch`. A stream decodes on a fixed pool of `decoders`
+    actors, which import torch once and keep their caches; as plain tasks, the worker
+    processes sat idle whenever training was slower than decoding and the raylet killed and
+    restarted them (~3 new processes importing torch every 20 s, measured). A single pass
+    (no plans) runs up to `decoders` tasks at once on Ray's shared workers.
+    `decoders` 0: (the cluster's CPUs, counted now, - `reserved_cpus`) / `num_cpus`; set it on
+    an autoscaling cluster (a larger pool asks the autoscaler for the CPUs). No new decode
+    task starts while more than `ahead_mb` of decoded data waits for the consumer."""
     fs, _ = filesystem(table_uri(root, table))
     groups = row_groups(root, table) if groups is None else groups
     if plans is None:
@@ -299,21 +366,24 @@ def store_dataset(root: str, table: str, decode, spec, split: str | None = None,
                                             None if order_seed is None else (*order_seed, e))]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # Ray Data's per-operator resource reservation counts the CPU-less input operator as a
-    # claimant: the decode operator then ran ~1.4 tasks on 2 CPUs. Without it Ray Data would
-    # submit every task at once (a whole stage decoded ahead into the object store), so the
-    # task pool is capped instead: memory stays bounded and tasks run close to stream order.
+    # claimant: the decode operator then ran ~1.4 tasks on 2 CPUs. The pool size bounds the
+    # decoders instead, and `DecodeAhead` how far they run ahead of the consumer.
     ds.context.op_resource_reservation_enabled = False
-    if not max_tasks:
-        max_tasks = max(1, round(ray.cluster_resources().get("CPU", 1) / num_cpus))
-    return ds.map_batches(
-        _read_then_decode,
-        fn_kwargs={"fs": fs, "split": split, "decode": decode, "spec": spec,
-                   "plans_box": _box(plans), "image_emb_box": _box(image_emb)},
-        batch_size=1,
-        batch_format="numpy",
-        compute=TaskPoolStrategy(size=max_tasks),
-        num_cpus=num_cpus,
-    )
+    ds.context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, BACKPRESSURE_POLICIES)
+    ds.context.set_config(DECODE_AHEAD_KEY, int(ahead_mb * 2**20))
+    ds.context.custom_execution_callback_classes = [IdleWait]
+    if not decoders:
+        cpus = ray.cluster_resources().get("CPU", 1) - reserved_cpus
+        decoders = max(1, int(cpus / num_cpus))
+    kwargs = {"fs": fs, "split": split, "decode": decode, "spec": spec,
+              "plans_box": _box(plans), "image_emb_box": _box(image_emb)}
+    if plans is None:
+        return ds.map_batches(_read_then_decode, fn_kwargs=kwargs, batch_size=1,
+                              batch_format="numpy", compute=TaskPoolStrategy(size=decoders),
+                              num_cpus=num_cpus)
+    return ds.map_batches(_StreamDecoder, fn_constructor_kwargs=kwargs, batch_size=1,
+                          batch_format="numpy", compute=ActorPoolStrategy(size=decoders),
+                          num_cpus=num_cpus)
 
 
 def _box(obj: Any) -> list | None:
@@ -339,21 +409,22 @@ def audio_dataset(
     root: str, spec: AudioDecodeSpec, split: str | None = "train", plans: list[dict] | None = None,
     image_emb: tuple[dict[str, int], np.ndarray] | None = None, num_cpus: float = 0.5,
     groups: list[RowGroup] | None = None, order_seed: tuple[int, ...] | None = None,
-    max_tasks: int = 0,
+    decoders: int = 0, reserved_cpus: float = 0.0, ahead_mb: float = 512,
 ):
     """Decoded clips: {id, taxonomy..., species_id, mel (1 x T x 64)[, text][, image_emb][, epoch]}."""
     return store_dataset(root, "audio", decode_audio_batch, spec, split, plans, image_emb, groups,
-                         order_seed, num_cpus, max_tasks)
+                         order_seed, num_cpus, decoders, reserved_cpus, ahead_mb)
 
 
 def image_dataset(
     root: str, spec: ImageDecodeSpec, split: str | None = "train", plans: list[dict] | None = None,
     num_cpus: float = 0.5, groups: list[RowGroup] | None = None,
-    order_seed: tuple[int, ...] | None = None, max_tasks: int = 0,
+    order_seed: tuple[int, ...] | None = None, decoders: int = 0, reserved_cpus: float = 0.0,
+    ahead_mb: float = 512,
 ):
     """Decoded images: {id, taxonomy..., species_id, pixels (3 x S x S)[, text][, epoch]}."""
     return store_dataset(root, "image", decode_image_batch, spec, split, plans, None, groups,
-                         order_seed, num_cpus, max_tasks)
+                         order_seed, num_cpus, decoders, reserved_cpus, ahead_mb)
 
 
 def read_files_batch(batch: dict[str, np.ndarray], base: str = "") -> dict[str, np.ndarray]:

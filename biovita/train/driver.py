@@ -151,18 +151,21 @@ def stage_dataset(cfg: Config, stage: str, checkpoint: str, image_emb=None, firs
     table, plans = stage_plans(cfg, stage, emb)
     plans = {e: p for e, p in enumerate(plans) if e >= first_epoch}
     groups = row_groups(d.root, table)
+    # the decode pool gets the CPUs the training workers leave (unless set in the config)
+    decoders = {"decoders": d.decode_concurrency, "ahead_mb": d.decode_ahead_mb,
+                "reserved_cpus": cfg.train.num_workers * cfg.train.cpus_per_worker}
     if stage == "stage0":
         return image_dataset(d.root, ImageDecodeSpec(ife, d.max_image_pixels, seed), plans=plans,
                              num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,),
-                             max_tasks=d.decode_concurrency)
+                             **decoders)
     if stage == "stage1":
         return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, prompts="random"),
                              plans=plans, num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,),
-                             max_tasks=d.decode_concurrency)
+                             **decoders)
     first = _phase_offset(cfg, stage)
     return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, first, prompts="fixed"),
                          plans=plans, image_emb=image_emb, num_cpus=d.decode_cpus, groups=groups,
-                         order_seed=(seed, first), max_tasks=d.decode_concurrency)
+                         order_seed=(seed, first), **decoders)
 
 
 def progress_uri(cfg: Config, stage: str) -> str:

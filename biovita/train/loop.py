@@ -247,7 +247,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         local_shuffle_seed=cfg.train.seed * 7919 + state["epoch"] * 31 + rank,
         prefetch_batches=cfg.train.prefetch_batches)
     micro: list[dict] = []
-    for batch in ([] if done else batches):
+    it = iter([] if done else batches)
+    wait = 0.0  # seconds blocked on the data stream since the last log line
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(it, None)
+        wait += time.perf_counter() - t_wait
+        if batch is None:
+            break
         epoch = int(batch.pop("epoch").min())
         micro.append(batch)
         if len(micro) < k:
@@ -270,18 +277,18 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if state["step"] % cfg.train.log_every == 0 or state["step"] >= total_steps:
             now = time.time()
             sps = (state["step"] * B * world * k - n_last) / max(now - t_last, 1e-6)
-            t_last, n_last = now, state["step"] * B * world * k
             last_metrics = {key: float(np.mean(v)) for key, v in window.items()}
             window = {}
-            last_metrics.update(samples_per_s=sps, epoch=epoch,
+            last_metrics.update(samples_per_s=sps, epoch=epoch, data_wait=wait / max(now - t_last, 1e-6),
                                 logit_scale=float(module.logit_scale.detach().float().exp()))
+            t_last, n_last, wait = now, state["step"] * B * world * k, 0.0
             for g in eng.optimizer.param_groups:
                 last_metrics[f"lr/{g['name']}"] = g["lr"]
             if rank == 0:
                 rate = (state["step"] - step_start) / max(now - t_start, 1e-6)
                 eta = (total_steps - state["step"]) / max(rate, 1e-9)
                 print(f"[{stage}] step {state['step']}/{total_steps} loss {last_metrics['loss']:.4f} "
-                      f"{sps:.1f} samples/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                      f"{sps:.1f} samples/s (data wait {last_metrics['data_wait']:.0%}) ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
                       flush=True)
                 if logger:
                     try:
