@@ -381,8 +381,9 @@ def store_dataset(root: str, table: str, decode, spec, split: str | None = None,
         return ds.map_batches(_read_then_decode, fn_kwargs=kwargs, batch_size=1,
                               batch_format="numpy", compute=TaskPoolStrategy(size=decoders),
                               num_cpus=num_cpus)
+    pool = ActorPoolStrategy(size=max(1, min(decoders, len(items))))  # an actor per item at most
     return ds.map_batches(_StreamDecoder, fn_constructor_kwargs=kwargs, batch_size=1,
-                          batch_format="numpy", compute=ActorPoolStrategy(size=decoders),
+                          batch_format="numpy", compute=pool,
                           num_cpus=num_cpus)
 
 

@@ -33,11 +33,13 @@ CLAP_PREPROCESS = {
     "truncation": "rand_trunc",
 }
 
-# Tiny open_clip config, registered with open_clip under this name when first used.
+# Tiny open_clip config, registered with open_clip under this name when first used. Patches of
+# 8 px (64 tokens): with 16 px (16 tokens) the synthetic species' patterns were lost and the
+# embedded run's image directions stalled at ~64 % Top-1 (I2T); 8 px costs 41 vs 34 ms a step.
 TINY_CLIP_NAME = "biovita-tiny-clip"
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
