@@ -1,9 +1,10 @@
 """Ray Data pipelines: Parquet -> decoded log-mel spectrograms / image tensors, streaming.
 
-Decoding runs in Ray Data tasks (`map_batches` with a `TaskPoolStrategy`), one Parquet row
-group per task, so it spreads over every CPU of the cluster while the GPUs train. Bad media is dropped inside the task and
-counted by reason in a named `MediaStats` actor that the trainer and `biovita validate` read;
-nothing is ever replaced by silence or a blank image.
+Decoding runs in Ray Data `map_batches`, one Parquet row group per call (tasks for a single
+pass, a fixed actor pool for a training stream), so it spreads over every CPU of the cluster
+while the GPUs train. Bad media is dropped inside the decoder and counted by reason in a named
+`MediaStats` actor that the trainer and `biovita validate` read; nothing is ever replaced by
+silence or a blank image.
 """
 
 from __future__ import annotations
@@ -338,8 +339,8 @@ def store_dataset(root: str, table: str, decode, spec, split: str | None = None,
                   ahead_mb: float = 512):
     """Stream one table of the store (local folder or object-store URI) through `decode`.
 
-    One Ray Data task reads one Parquet row group and decodes it: reading and decoding are a
-    single operator, so every CPU Ray gives the dataset decodes, no encoded bytes travel
+    One Ray Data task (or actor call) reads and decodes one Parquet row group: reading and
+    decoding are a single operator, so every CPU Ray gives the dataset decodes, no encoded bytes travel
     through the object store, and row groups that hold no row of `split` or of the plan are
     never read.
 
@@ -407,7 +408,8 @@ def decode_images(ds, spec: ImageDecodeSpec, batch_size: int = 32, num_cpus: flo
 
 
 def audio_dataset(
-    root: str, spec: AudioDecodeSpec, split: str | None = "train", plans: list[dict] | None = None,
+    root: str, spec: AudioDecodeSpec, split: str | None = "train",
+    plans: list[dict] | dict[int, dict] | None = None,
     image_emb: tuple[dict[str, int], np.ndarray] | None = None, num_cpus: float = 0.5,
     groups: list[RowGroup] | None = None, order_seed: tuple[int, ...] | None = None,
     decoders: int = 0, reserved_cpus: float = 0.0, ahead_mb: float = 512,
@@ -418,7 +420,8 @@ def audio_dataset(
 
 
 def image_dataset(
-    root: str, spec: ImageDecodeSpec, split: str | None = "train", plans: list[dict] | None = None,
+    root: str, spec: ImageDecodeSpec, split: str | None = "train",
+    plans: list[dict] | dict[int, dict] | None = None,
     num_cpus: float = 0.5, groups: list[RowGroup] | None = None,
     order_seed: tuple[int, ...] | None = None, decoders: int = 0, reserved_cpus: float = 0.0,
     ahead_mb: float = 512,

@@ -152,20 +152,20 @@ def stage_dataset(cfg: Config, stage: str, checkpoint: str, image_emb=None, firs
     plans = {e: p for e, p in enumerate(plans) if e >= first_epoch}
     groups = row_groups(d.root, table)
     # the decode pool gets the CPUs the training workers leave (unless set in the config)
-    decoders = {"decoders": d.decode_concurrency, "ahead_mb": d.decode_ahead_mb,
+    decode_opts = {"decoders": d.decode_concurrency, "ahead_mb": d.decode_ahead_mb,
                 "reserved_cpus": cfg.train.num_workers * cfg.train.cpus_per_worker}
     if stage == "stage0":
         return image_dataset(d.root, ImageDecodeSpec(ife, d.max_image_pixels, seed), plans=plans,
                              num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,),
-                             **decoders)
+                             **decode_opts)
     if stage == "stage1":
         return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, prompts="random"),
                              plans=plans, num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,),
-                             **decoders)
+                             **decode_opts)
     first = _phase_offset(cfg, stage)
     return audio_dataset(d.root, AudioDecodeSpec(afe, "random", seed, first, prompts="fixed"),
                          plans=plans, image_emb=image_emb, num_cpus=d.decode_cpus, groups=groups,
-                         order_seed=(seed, first), **decoders)
+                         order_seed=(seed, first), **decode_opts)
 
 
 def progress_uri(cfg: Config, stage: str) -> str:

@@ -279,7 +279,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             sps = (state["step"] * B * world * k - n_last) / max(now - t_last, 1e-6)
             last_metrics = {key: float(np.mean(v)) for key, v in window.items()}
             window = {}
-            last_metrics.update(samples_per_s=sps, epoch=epoch, data_wait=wait / max(now - t_last, 1e-6),
+            last_metrics.update(samples_per_s=sps, epoch=epoch,
+                                data_wait=wait / max(now - t_last, 1e-6),
                                 logit_scale=float(module.logit_scale.detach().float().exp()))
             t_last, n_last, wait = now, state["step"] * B * world * k, 0.0
             for g in eng.optimizer.param_groups:
@@ -288,8 +289,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 rate = (state["step"] - step_start) / max(now - t_start, 1e-6)
                 eta = (total_steps - state["step"]) / max(rate, 1e-9)
                 print(f"[{stage}] step {state['step']}/{total_steps} loss {last_metrics['loss']:.4f} "
-                      f"{sps:.1f} samples/s (data wait {last_metrics['data_wait']:.0%}) ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-                      flush=True)
+                      f"{sps:.1f} samples/s (data wait {last_metrics['data_wait']:.0%}) "
+                      f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
                 if logger:
                     try:
                         bad = bad_media_counts()["bad"]
