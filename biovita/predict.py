@@ -98,7 +98,7 @@ class Predictor:
                 fe = self.model.audio_front_end
                 mel = log_mel(fe)(load_clip(data, fe, "onset"))
                 return "audio", self.model.encode_audio(mel)[0].numpy()
-            px = load_image(data, self.model.image_front_end, 50_000_000)[None]
+            px = torch.from_numpy(load_image(data, self.model.image_front_end, 50_000_000))[None]
             return "image", self.model.encode_image(px)[0].numpy()
 
     def predict(self, paths: Sequence[str | Path] | str, rank: str | Rank = Rank.SPECIES,

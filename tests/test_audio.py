@@ -96,7 +96,7 @@ def test_non_finite_audio_is_rejected():
     assert e.value.reason == "non_finite"
 
 
-@pytest.mark.parametrize("sr", [16000, 22050, 32000, 44100])
+@pytest.mark.parametrize("sr", [8000, 16000, 22050, 24000, 32000, 44100])
 def test_resampled_span_equals_slice_of_whole_resample(sr):
     """Only the kept span is resampled; it must equal torchaudio's whole-clip output sliced."""
     import torch

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from ray.data._internal.execution import streaming_executor_state
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data._internal.execution.backpressure_policy import (
     ENABLED_BACKPRESSURE_POLICIES,
@@ -201,7 +202,7 @@ def decode_image_batch(
         if uses == 0:
             continue
         try:
-            x = load_image(batch["bytes"][i], fe, spec.max_pixels).numpy()
+            x = load_image(batch["bytes"][i], fe, spec.max_pixels)
         except MediaError as e:
             bad.append((media_id, e.reason))
             continue
@@ -211,7 +212,7 @@ def decode_image_batch(
     _report(spec.stats_name, "image", len({r[0] for r in rows}), bad)
     out: dict[str, Any] = {c: np.asarray([batch[c][i] for i, _ in rows]) for c in cols}
     out["pixels"] = (np.stack(pixels) if pixels else
-                     np.zeros((0, 3, fe.image_size, fe.image_size), np.float32))
+                     np.zeros((0, 3, fe.image_size, fe.image_size), np.uint8))
     if spec.prompts != "none":
         out["text"] = np.asarray(
             [_prompt({c: batch[c][i] for c in cols}, spec, k) for i, k in rows], dtype=object)
@@ -322,6 +323,26 @@ BACKPRESSURE_POLICIES = [p for p in ENABLED_BACKPRESSURE_POLICIES
                          if p is not DownstreamCapacityBackpressurePolicy] + [DecodeAhead]
 
 
+COMPLETION_WAIT_S = 0.02
+
+
+def shorten_completion_wait() -> None:
+    """Let this process's Ray Data executor hand out the next decode task within 20 ms of one
+    finishing, not 100 ms.
+
+    Its loop blocks in `ray.wait(<every running task>, timeout=0.1)`, which returns early only
+    when all of them are done, and a task takes two loop steps to retire (its block, then its
+    end). With two decode tasks of ~0.3 s on two CPUs each worker sat idle ~170 ms between
+    tasks: a third of the CPU (measured; 128 -> 157 clips/s with 20 ms). Actor pools (training
+    streams) queue a second task on each actor and never had the gap. The loop itself costs
+    little per step (driver CPU 0.26 -> 0.29 s a pass)."""
+    name = "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"
+    current = getattr(streaming_executor_state, name, None)
+    if current is None:  # a Ray upgrade moved it: decoding still works, with the gaps
+        return
+    setattr(streaming_executor_state, name, min(current, COMPLETION_WAIT_S))
+
+
 class _StreamDecoder:
     """A decode actor of an epoch stream (see `store_dataset`)."""
 
@@ -379,6 +400,7 @@ def store_dataset(root: str, table: str, decode, spec, split: str | None = None,
     kwargs = {"fs": fs, "split": split, "decode": decode, "spec": spec,
               "plans_box": _box(plans), "image_emb_box": _box(image_emb)}
     if plans is None:
+        shorten_completion_wait()  # the driver's executor runs a single pass
         return ds.map_batches(_read_then_decode, fn_kwargs=kwargs, batch_size=1,
                               batch_format="numpy", compute=TaskPoolStrategy(size=decoders),
                               num_cpus=num_cpus)
@@ -426,7 +448,7 @@ def image_dataset(
     order_seed: tuple[int, ...] | None = None, decoders: int = 0, reserved_cpus: float = 0.0,
     ahead_mb: float = 512,
 ):
-    """Decoded images: {id, taxonomy..., species_id, pixels (3 x S x S)[, text][, epoch]}."""
+    """Decoded images: {id, taxonomy..., species_id, pixels (3 x S x S uint8)[, text][, epoch]}."""
     return store_dataset(root, "image", decode_image_batch, spec, split, plans, None, groups,
                          order_seed, num_cpus, decoders, reserved_cpus, ahead_mb)
 

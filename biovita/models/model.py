@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biovita.audio import AudioFrontEnd
-from biovita.image import ImageFrontEnd
+from biovita.image import ImageFrontEnd, normalize
 
 
 class BioVITA(nn.Module):
@@ -70,6 +70,11 @@ class BioVITA(nn.Module):
         return F.normalize(self.adapter(self.audio_features(mel)), dim=-1)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`pixels`: uint8 as biovita decodes them (normalised here, in float32, then cast to
+        the tower's dtype) or floats already normalised, as open_clip's preprocess returns."""
+        if pixels.dtype == torch.uint8:
+            dtype = next(self.clip.visual.parameters()).dtype
+            pixels = normalize(pixels, self.image_front_end).to(dtype)
         return F.normalize(self.clip.encode_image(pixels), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -326,8 +326,8 @@ def _step(stage, micro, module, eng, tokenizer, s2, gate, state, step) -> dict[s
     def enc_audio(mel):
         return module.encode_audio(mel.to(dev, dtype))
 
-    def enc_image(px):
-        return module.encode_image(px.to(dev, dtype))
+    def enc_image(px):  # uint8: the model normalises on the device
+        return module.encode_image(px.to(dev))
 
     def enc_fixed(x):  # precomputed, frozen image-tower embeddings
         return torch.nn.functional.normalize(x.to(dev, dtype), dim=-1)
