@@ -6,9 +6,9 @@
     transformers ClapFeatureExtractor (METHOD.md: the extractor is the authors' front end);
     images: PIL + the open_clip transform;
 (b) raw limit: decode + one STFT per clip in a tight loop, one process per core.
-Same files, same cores. Throughput is timed in passes of their own; peak memory of the whole process tree (driver + every Ray worker) at
-1x and 10x rows, as the sum of PSS: RSS would count the object store's shared pages and the
-shared libraries once per process.
+Same files, same cores; each throughput is the median of --repeat timed runs. Peak memory of
+the whole process tree (driver + every Ray worker) at 1x and 10x rows, as the sum of PSS: RSS
+would count the object store's shared pages and the shared libraries once per process.
 
     python benchmarks/data_throughput.py [--store DIR] [--species 32] [--cpus 2]
 """
@@ -196,12 +196,20 @@ def replicate(root: str, out: Path, times: int) -> None:
         w.close()
 
 
+def rate(run, repeat: int) -> float:
+    """Items per second: the median of `repeat` timed runs (this machine's speed drifts)."""
+    import statistics
+
+    return statistics.median(n / t for n, t in (run() for _ in range(repeat)))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default=None, help="Parquet store (default: a fresh synthetic one)")
     p.add_argument("--species", type=int, default=32)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
     p.add_argument("--scale", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per path (median)")
     a = p.parse_args()
     import ray
 
@@ -221,21 +229,16 @@ def main():
     for lib in ("open_clip", "torchaudio", "transformers"):
         importlib.import_module(lib)
 
-    n, t = reference(RefAudio(audio_files), a.cpus)
-    ref_a = n / t
-    n, t = reference(RefImage(image_files), a.cpus)
-    ref_i = n / t
-    n, t = raw_limit(audio_files, a.cpus)
-    raw_a = n / t
+    ref_a = rate(lambda: reference(RefAudio(audio_files), a.cpus), a.repeat)
+    ref_i = rate(lambda: reference(RefImage(image_files), a.cpus), a.repeat)
+    raw_a = rate(lambda: raw_limit(audio_files, a.cpus), a.repeat)
 
     ray.init(num_cpus=a.cpus, object_store_memory=int(1e9), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_audio(root, 1.0)  # warm-up: worker processes, imports
     ray_images(root, 1.0)
-    n, t = ray_audio(root, 1.0)  # timed without the memory sampler (it reads every smaps)
-    ray_a = n / t
-    n, t = ray_images(root, 1.0)
-    ray_i = n / t
+    ray_a = rate(lambda: ray_audio(root, 1.0), a.repeat)  # without the memory sampler (it reads
+    ray_i = rate(lambda: ray_images(root, 1.0), a.repeat)  # every process's smaps)
     with PeakMemory() as m1:
         ray_audio(root, 1.0)
     rss1 = m1.peak

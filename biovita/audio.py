@@ -66,7 +66,7 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
         raise MediaError("no_samples")
     if not np.isfinite(wave).all():
         raise MediaError("non_finite")
-    return np.ascontiguousarray(wave.T), int(sr)
+    return wave.T, int(sr)  # a view: mono reads it without a copy
 
 
 def to_mono(wave: np.ndarray) -> np.ndarray:
@@ -142,11 +142,18 @@ def resample(wave: np.ndarray, sr: int, target: int) -> np.ndarray:
 
 def onset_start(wave: np.ndarray, sample_rate: int, threshold: float = 0.01, pre_s: float = 0.2) -> int:
     """Evaluation crop start: 0.2 s before the first sample above 1 % of the peak."""
-    mag = np.abs(wave)
-    peak = float(mag.max()) if mag.size else 0.0
+    if wave.size == 0:
+        return 0
+    peak = max(float(wave.max()), -float(wave.min()))  # no |wave| copy of the whole clip
     if peak <= 0:
         return 0
-    first = int(np.argmax(mag > threshold * peak))
+    step = max(1, sample_rate)  # the onset is near the start: look a second at a time
+    first = 0
+    for lo in range(0, len(wave), step):
+        above = np.flatnonzero(np.abs(wave[lo : lo + step]) > threshold * peak)
+        if above.size:
+            first = lo + int(above[0])
+            break
     return max(0, first - int(pre_s * sample_rate))
 
 

@@ -156,6 +156,24 @@ def test_row_group_selection_skips_unplanned_and_other_splits(synth_store):
     assert select_row_groups(groups, order_seed=(0, 1)) == a
 
 
+def test_decode_tasks_gather_small_row_groups_but_keep_every_decoder_busy(synth_store):
+    from biovita.data.pipeline import TASK_BYTES, RowGroup, decode_tasks, row_groups
+
+    root, _ = synth_store
+    groups = row_groups(str(root), "image")
+    assert all(g.nbytes > 0 for g in groups)
+
+    def make(n, nbytes):
+        return [RowGroup(f"{k}.parquet", 0, (str(k),), ("train",), nbytes) for k in range(n)]
+
+    big, small = make(40, TASK_BYTES), make(40, TASK_BYTES // 8)
+    assert [len(t) for t in decode_tasks(big, 4)] == [1] * 40  # a row group is enough work
+    assert [len(t) for t in decode_tasks(small, 2)] == [8] * 5  # ~TASK_BYTES a task
+    assert [len(t) for t in decode_tasks(small, 8)] == [3] * 13 + [1]  # >= 2 tasks a decoder
+    assert [g for t in decode_tasks(small, 2) for g in t] == small  # order kept, none lost
+    assert decode_tasks([], 2) == []
+
+
 def test_single_pass_shortens_the_executor_completion_wait(ray_local, synth_store):
     """Ray Data's loop waits up to 0.1 s for every running task; single passes lower that."""
     from ray.data._internal.execution import streaming_executor_state
