@@ -82,9 +82,8 @@ class Resampler:
     what resampling the whole clip and slicing would give."""
 
     def __init__(self, orig: int, new: int):
-        import torchaudio
-
         import torch
+        import torchaudio
 
         t = torchaudio.transforms.Resample(orig, new)
         self.width = t.width
@@ -99,7 +98,8 @@ class Resampler:
         self.group = max(1, -(-48 // self.new))
         self.kernel = torch.zeros(taps + (self.group - 1) * self.orig, self.group * self.new)
         for j in range(self.group):
-            self.kernel[j * self.orig : j * self.orig + taps, j * self.new : (j + 1) * self.new] = kernel
+            rows, cols = j * self.orig, j * self.new
+            self.kernel[rows : rows + taps, cols : cols + self.new] = kernel
 
     def length(self, n_in: int) -> int:
         """Length of the whole resampled signal (torchaudio's)."""

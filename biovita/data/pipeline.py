@@ -1,10 +1,10 @@
 """Ray Data pipelines: Parquet -> decoded log-mel spectrograms / uint8 images, streaming.
 
 Decoding runs in Ray Data `map_batches`, a few Parquet row groups per call (tasks for a
-single pass, a fixed actor pool for a training stream), so it spreads over every CPU of the cluster
-while the GPUs train. Bad media is dropped inside the decoder and counted by reason in a named
-`MediaStats` actor that the trainer and `biovita validate` read; nothing is ever replaced by
-silence or a blank image.
+single pass, a fixed actor pool for a training stream), so it spreads over every CPU of the
+cluster while the GPUs train. Bad media is dropped inside the decoder and counted by reason in
+a named `MediaStats` actor that the trainer and `biovita validate` read; nothing is ever
+replaced by silence or a blank image.
 """
 
 from __future__ import annotations
