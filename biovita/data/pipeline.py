@@ -273,11 +273,11 @@ def decode_tasks(groups: list[RowGroup], decoders: int) -> list[list[RowGroup]]:
     return [groups[i : i + per] for i in range(0, len(groups), per)]
 
 
-def _read_row_group(path: str, index: int, fs, split: str | None) -> dict[str, np.ndarray]:
+def _read_row_group(f: pq.ParquetFile, index: int, split: str | None) -> dict[str, np.ndarray]:
     """The rows of one row group (of `split` only), as columns."""
     import pyarrow.compute as pc
 
-    t = pq.ParquetFile(path, filesystem=fs).read_row_group(index)
+    t = f.read_row_group(index)
     if split is not None:
         t = t.filter(pc.equal(t.column("split"), split))
     return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
@@ -290,11 +290,14 @@ def _read_then_decode(items: dict[str, np.ndarray], fs, split: str | None, decod
     epoch's plan and seeds and tags its rows with the epoch."""
     plans = _get_shared(plans_box)
     epoch = int(items["epoch"][0]) if "epoch" in items else 0
+    spec, plan = replace(spec, epoch=spec.epoch + epoch), None if plans is None else plans[epoch]
     kwargs = {"image_emb": _get_shared(image_emb_box)} if image_emb_box is not None else {}
+    files: dict[str, pq.ParquetFile] = {}  # a task's row groups often share a file: one footer read
     for path, index in zip(items["path"][0], items["row_group"][0]):
-        out = decode(_read_row_group(str(path), int(index), fs, split),
-                     replace(spec, epoch=spec.epoch + epoch),
-                     None if plans is None else plans[epoch], **kwargs)
+        path = str(path)
+        if path not in files:
+            files[path] = pq.ParquetFile(path, filesystem=fs)
+        out = decode(_read_row_group(files[path], int(index), split), spec, plan, **kwargs)
         if "epoch" in items:
             out["epoch"] = np.full(len(out["id"]), epoch, np.int64)
         yield out

@@ -153,7 +153,7 @@ def stage_dataset(cfg: Config, stage: str, checkpoint: str, image_emb=None, firs
     groups = row_groups(d.root, table)
     # the decode pool gets the CPUs the training workers leave (unless set in the config)
     decode_opts = {"decoders": d.decode_concurrency, "ahead_mb": d.decode_ahead_mb,
-                "reserved_cpus": cfg.train.num_workers * cfg.train.cpus_per_worker}
+                   "reserved_cpus": cfg.train.num_workers * cfg.train.cpus_per_worker}
     if stage == "stage0":
         return image_dataset(d.root, ImageDecodeSpec(ife, d.max_image_pixels, seed), plans=plans,
                              num_cpus=d.decode_cpus, groups=groups, order_seed=(seed,),
