@@ -65,7 +65,8 @@ class PeakMemory:
 
 
 def ray_audio(root: str, cpus: float) -> tuple[int, float]:
-    from biovita.data.pipeline import AudioDecodeSpec, audio_dataset
+    from biovita.data.datasets import audio_dataset
+    from biovita.data.decode import AudioDecodeSpec
 
     ds = audio_dataset(root, AudioDecodeSpec(mode="onset", prompts="none", stats_name=None), split=None,
                        num_cpus=cpus)
@@ -75,7 +76,8 @@ def ray_audio(root: str, cpus: float) -> tuple[int, float]:
 
 
 def ray_images(root: str, cpus: float) -> tuple[int, float]:
-    from biovita.data.pipeline import ImageDecodeSpec, image_dataset
+    from biovita.data.datasets import image_dataset
+    from biovita.data.decode import ImageDecodeSpec
 
     ds = image_dataset(root, ImageDecodeSpec(prompts="none", stats_name=None), split=None,
                        num_cpus=cpus)
@@ -128,7 +130,7 @@ class RefImage:
         import torch
         from PIL import Image
 
-        from biovita.image import ImageFrontEnd, preprocess
+        from biovita.frontends.image import ImageFrontEnd, preprocess
 
         if self.tf is None:
             self.tf = preprocess(ImageFrontEnd())

@@ -25,7 +25,7 @@ def _inputs(batch: int, seed: int = 0):
 def _run_steps(model, engine_step, backward, steps: int, warmup: int, batch: int, threads: int):
     import torch
 
-    from biovita import losses
+    from biovita.train import losses
 
     torch.set_num_threads(threads)
     mel, texts = _inputs(batch)

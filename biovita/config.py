@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,12 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+from biovita.frontends.image import MAX_IMAGE_PIXELS
+from biovita.structured import ConfigError, build, parse_override, set_path
 
-
-class ConfigError(ValueError):
-    """A configuration problem, always naming the offending key."""
+# Configs shipped inside the package: `--config NAME` takes one of these or a YAML path.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = PACKAGED_CONFIGS / "default.yaml"
 
 
 @dataclass
@@ -30,12 +29,10 @@ class DataConfig:
     synth_if_missing: bool = False  # create the embedded synthetic dataset when root is empty
     synth_species: int = 32  # species in the synthetic set (seen + unseen)
     synth_seed: int = 0
-    sample_rate: int = 48_000
-    clip_seconds: float = 10.0
     per_species_cap: int = 20  # species-balanced epochs: at most this many clips per species
     per_species_min: int = 5  # species with fewer clips are oversampled to this many
     triplets_per_species: int = 20  # stage-2 triplets per species and epoch
-    max_image_pixels: int = 50_000_000  # decompression-bomb guard
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # decompression-bomb guard
     decode_cpus: float = 0.5  # logical CPUs per decode task (fractional: avoids starving Train)
     # decode workers: a training stream's actor pool, a single pass's tasks in flight;
     # 0 = (cluster CPUs at start - the training workers' CPUs) / decode_cpus
@@ -171,121 +168,32 @@ class Config:
         return self
 
 
-# --------------------------------------------------------------------------- building
+def packaged_configs(folder: Path = PACKAGED_CONFIGS) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if origin is dict:
-        if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                for k, v in value.items()):
-            raise ConfigError(f"{key}: expected a mapping of names to numbers, got {value!r}")
-        return {k: float(v) for k, v in value.items()}
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"{key}: unknown key (valid keys here: {', '.join(sorted(names))})")
-    default = cls()
-    kwargs = {}
-    for name in names:
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            value = data[name]
-            if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
-                # merge a partial mapping over the default sub-config
-                base = dataclasses.asdict(getattr(default, name))
-                value = _deep_merge(base, value)
-            kwargs[name] = _coerce(value, hints[name], key)
-    return cls(**kwargs)
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.num_workers=2")
-    key, raw = text.split("=", 1)
-    key = key.strip().lstrip("-")
-    if not key:
-        raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
-        node = nxt
-    node[path[-1]] = value
+def resolve_config_path(ref: str | os.PathLike | None, folder: Path = PACKAGED_CONFIGS,
+                        default: Path = DEFAULT_CONFIG) -> Path:
+    """A YAML file path, or the name of a config shipped in the package (`default`,
+    `bioclip2_clap`, ...): what `--config` accepts."""
+    if not ref:
+        return default
+    path = Path(ref)
+    if path.is_file():
+        return path
+    packaged = folder / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    raise ConfigError(f"config file {ref} does not exist (packaged configs: "
+                      f"{', '.join(packaged_configs(folder))})")
 
 
 def load_config(
     path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()
 ) -> Config:
-    """Read a YAML config (default: configs/default.yaml), apply overrides, validate."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """Read a YAML config (a path or a packaged name; default: `default`), apply overrides,
+    validate."""
+    path = resolve_config_path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -294,8 +202,8 @@ def load_config(
         raise ConfigError(f"config file {path}: top level must be a mapping")
     for ov in overrides:
         keys, value = parse_override(ov)
-        _set_path(raw, keys, value)
-    cfg = _build(Config, raw)
+        set_path(raw, keys, value)
+    cfg = build(Config, raw)
     _absolute_paths(cfg)
     return cfg.validate()
 
@@ -311,7 +219,7 @@ def _absolute_paths(cfg: Config) -> None:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a config on a worker (it was validated on the driver)."""
-    return _build(Config, data)
+    return build(Config, data)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
@@ -333,11 +241,13 @@ def _is_remote(uri: str) -> bool:
 
 
 def _validate(cfg: Config) -> None:
-    from biovita.models.registry import MODEL_CONFIGS  # light: no torch
+    for check in (_validate_data, _validate_model, _validate_stages, _validate_stage2,
+                  _validate_train, _validate_bench):
+        check(cfg)
 
+
+def _validate_data(cfg: Config) -> None:
     d = cfg.data
-    _require(d.sample_rate > 0, "data.sample_rate", f"must be > 0, got {d.sample_rate}")
-    _require(d.clip_seconds > 0, "data.clip_seconds", f"must be > 0, got {d.clip_seconds}")
     _require(d.per_species_min >= 1, "data.per_species_min", f"must be >= 1, got {d.per_species_min}")
     _require(
         d.per_species_cap >= d.per_species_min,
@@ -358,6 +268,10 @@ def _validate(cfg: Config) -> None:
             "or set data.synth_if_missing=true)",
         )
 
+
+def _validate_model(cfg: Config) -> None:
+    from biovita.models.registry import MODEL_CONFIGS  # light: no torch
+
     m = cfg.model
     _require(
         m.name in MODEL_CONFIGS,
@@ -370,6 +284,8 @@ def _validate(cfg: Config) -> None:
         if val and (val.startswith("/") or val.startswith("./")) and not Path(val).exists():
             raise ConfigError(f"model.{key}: path {val} does not exist")
 
+
+def _validate_stages(cfg: Config) -> None:
     stages = {"stage0": cfg.stage0, "stage1": cfg.stage1}
     stages.update({"stage2.phase1": cfg.stage2.phase1, "stage2.phase2": cfg.stage2.phase2})
     for name, st in stages.items():
@@ -386,6 +302,8 @@ def _validate(cfg: Config) -> None:
             )
     _require(cfg.stage0.images_per_species > 0, "stage0.images_per_species", "must be > 0")
 
+
+def _validate_stage2(cfg: Config) -> None:
     s2 = cfg.stage2
     _require(s2.w_atc >= 0 and s2.w_aic >= 0, "stage2.w_atc", "loss weights must be >= 0")
     _require(s2.w_atc + s2.w_aic > 0, "stage2.w_atc", "w_atc + w_aic must be > 0")
@@ -403,6 +321,8 @@ def _validate(cfg: Config) -> None:
     )
     _require(0 < s2.logit_reset_temperature < 1, "stage2.logit_reset_temperature", "must be in (0,1)")
 
+
+def _validate_train(cfg: Config) -> None:
     t = cfg.train
     _require(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
     _require(t.strategy in ("deepspeed", "ddp"), "train.strategy", "must be deepspeed or ddp")
@@ -419,6 +339,8 @@ def _validate(cfg: Config) -> None:
     _require(t.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
              "train.placement_strategy", "must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
 
+
+def _validate_bench(cfg: Config) -> None:
     b = cfg.bench
     _require(b.candidates >= 2, "bench.candidates", f"must be >= 2, got {b.candidates}")
     _require(b.split in ("seen", "unseen"), "bench.split", "must be seen or unseen")

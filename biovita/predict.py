@@ -1,4 +1,5 @@
-"""Identify a species from a recording or a photo (pybioclip-style), and bulk embeddings.
+"""Identify a species from a recording or a photo (pybioclip-style). No Ray: a laptop, a
+notebook or a web service can use it.
 
     from biovita import Predictor
     Predictor("runs/embedded/models/stage2.phase2").predict(["call.mp3", "frog.jpg"], rank="genus", k=3)
@@ -17,8 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from biovita.errors import MediaError
-
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3"}
+from biovita.frontends.audio import AUDIO_EXTS
 TAXON_FIELDS = ("class", "order", "family", "genus", "scientific_name", "common_name")
 
 
@@ -62,8 +62,6 @@ class Predictor:
     def labels(self, rank: str) -> tuple[list[dict], np.ndarray]:
         if rank in self._labels:
             return self._labels[rank]
-        from biovita.embed import embed_texts
-
         col = _LEVEL_COL[rank]
         keep = [f for f in TAXON_FIELDS[: TAXON_FIELDS.index(col) + 1]]
         if rank == "species":
@@ -77,7 +75,7 @@ class Predictor:
         if cache.is_file():
             emb = np.load(cache, allow_pickle=False)
         else:
-            emb = embed_texts(self.model, names)
+            emb = self.model.embed_texts(names)
             try:
                 np.save(cache, emb)
             except OSError:  # read-only checkpoint folder: just do not cache
@@ -89,8 +87,8 @@ class Predictor:
     def embed_file(self, path: str | Path) -> tuple[str, np.ndarray]:
         import torch
 
-        from biovita.audio import load_clip, log_mel
-        from biovita.image import load_image
+        from biovita.frontends.audio import load_clip, log_mel
+        from biovita.frontends.image import load_image
 
         data = Path(path).read_bytes()
         with torch.no_grad():
@@ -98,7 +96,7 @@ class Predictor:
                 fe = self.model.audio_front_end
                 mel = log_mel(fe)(load_clip(data, fe, "onset"))
                 return "audio", self.model.encode_audio(mel)[0].numpy()
-            px = torch.from_numpy(load_image(data, self.model.image_front_end, 50_000_000))[None]
+            px = torch.from_numpy(load_image(data, self.model.image_front_end))[None]
             return "image", self.model.encode_image(px)[0].numpy()
 
     def predict(self, paths: Sequence[str | Path] | str, rank: str | Rank = Rank.SPECIES,
@@ -138,38 +136,3 @@ class Predictor:
         for r in rows:
             print("  ".join((f"{r[c]:.4f}" if c == "score" else str(r[c])).ljust(widths[c])
                             for c in cols), file=out)
-
-
-def embed_to_parquet(checkpoint: str, out: str, data: str | None = None,
-                     files: Sequence[str] | None = None) -> int:
-    """Embeddings of a whole store (audio + image tables) or of files, on Ray Data."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from biovita.data.pipeline import files_dataset, init_ray
-    from biovita.embed import decode_for_embedding, embed, embed_dataset
-
-    init_ray()
-    tables = []
-    for modality in ("audio", "image"):
-        if data:
-            ds = embed_dataset(checkpoint, data, modality)
-        else:
-            chosen = [f for f in files or []
-                      if (Path(f).suffix.lower() in AUDIO_EXTS) == (modality == "audio")]
-            if not chosen:
-                continue
-            rows = [{"id": str(Path(f).resolve()), "file_path": str(Path(f).resolve())} for f in chosen]
-            ds = embed(decode_for_embedding(files_dataset(rows), checkpoint, modality), checkpoint, modality)
-        for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-            n = len(b["id"])
-            tables.append(pa.table({
-                "id": pa.array([str(i) for i in b["id"]]),
-                "modality": pa.array([modality] * n),
-                "species_id": pa.array(b["species_id"].astype(np.int32) if "species_id" in b else [-1] * n,
-                                       pa.int32()),
-                "embedding": pa.array(list(b["embedding"].astype(np.float32)), pa.list_(pa.float32())),
-            }))
-    table = pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string())})
-    pq.write_table(table, out)
-    return table.num_rows

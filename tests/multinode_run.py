@@ -18,8 +18,10 @@ def main(root: str, storage: str) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     from biovita.config import load_config
-    from biovita.data.pipeline import STATS_ACTOR, bad_media_counts, media_stats
-    from biovita.train.driver import Tracker, run_stage, save_init
+    from biovita.data.stats import STATS_ACTOR, bad_media_counts, media_stats
+    from biovita.train.driver import run_stage, save_init
+    from biovita.train.stages import STAGE1
+    from biovita.train.tracking import Tracker
 
     cfg = load_config(None, [
         f"data.root={root}", f"train.storage_path={storage}", "train.run_name=multinode",
@@ -28,7 +30,7 @@ def main(root: str, storage: str) -> None:
         "train.zero_stage=2", "stage1.epochs=1", "stage1.max_steps=3", "stage1.batch_size=4",
         "train.checkpoint_every=2", "mlflow.enabled=false"])
     media_stats(STATS_ACTOR)
-    out = run_stage(cfg, "stage1", save_init(cfg), Tracker(cfg))
+    out = run_stage(cfg, STAGE1, save_init(cfg), Tracker(cfg.mlflow, "multinode", {}))
     snap = bad_media_counts(STATS_ACTOR)
     print("RESULT " + json.dumps({
         "export": out, "nodes": snap["nodes"],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from biovita.audio import AudioFrontEnd, crop_or_pad, decode_audio, load_clip, log_mel, onset_start
+from biovita.frontends.audio import AudioFrontEnd, crop_or_pad, load_clip, log_mel, onset_start, read_audio
 from biovita.errors import MediaError
 
 # Golden tolerance against transformers' ClapFeatureExtractor: max |delta| in dB.
@@ -52,7 +52,7 @@ def test_decode_formats_to_fixed_length(fmt, subtype, sr, channels):
         x = np.stack([x, 0.5 * x], axis=1)
     buf = io.BytesIO()
     sf.write(buf, x, sr, format=fmt, **({"subtype": subtype} if subtype else {}))
-    wave, got_sr = decode_audio(buf.getvalue())
+    wave, got_sr = read_audio(buf.getvalue())
     assert got_sr == sr and wave.shape[0] == channels
     fe = AudioFrontEnd()
     clip = load_clip(buf.getvalue(), fe, "onset")
@@ -102,7 +102,7 @@ def test_resampled_span_equals_slice_of_whole_resample(sr):
     import torch
     import torchaudio
 
-    from biovita.audio import resampler
+    from biovita.frontends.audio import resampler
 
     x = _clip(sr, 12.3, seed=sr)
     whole = torchaudio.functional.resample(torch.from_numpy(x), sr, 48000).numpy()

@@ -59,7 +59,7 @@ def test_kuberay_manifests_have_required_fields():
     job = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     s = job["spec"]
-    assert s["entrypoint"] == "python ray_jobs/train.py --config configs/bioclip2_clap.yaml"
+    assert s["entrypoint"] == "python ray_jobs/train.py --config bioclip2_clap"
     assert s["shutdownAfterJobFinishes"] is True and s["ttlSecondsAfterFinished"] > 0
     env = yaml.safe_load(s["runtimeEnvYAML"])
     assert "working_dir" in env and any(p.startswith("deepspeed==") for p in env["pip"])

@@ -23,7 +23,7 @@ def test_default_config_loads_and_overrides_apply(tmp_path):
 
 
 def test_paper_recipe_has_method_numbers():
-    cfg = load_config(ROOT / "configs" / "bioclip2_clap.yaml", ["data.synth_if_missing=true"])
+    cfg = load_config("bioclip2_clap", ["data.synth_if_missing=true"])
     assert cfg.model.name == "bioclip2-clap"
     assert (cfg.stage1.epochs, cfg.stage1.batch_size, cfg.stage1.lr, cfg.stage1.weight_decay) == (30, 64, 1e-4, 0.05)
     assert (cfg.stage2.phase1.epochs, cfg.stage2.phase2.epochs, cfg.stage2.phase2.batch_size) == (10, 10, 32)
@@ -58,6 +58,12 @@ def test_bad_values_name_the_key(override, key, tmp_path):
 def test_missing_data_path_is_reported():
     with pytest.raises(ConfigError, match="data.root: path /nonexistent/store does not exist"):
         load_config(DEFAULT_CONFIG, ["data.root=/nonexistent/store", "data.synth_if_missing=false"])
+
+
+def test_config_by_packaged_name_or_path(tmp_path):
+    assert load_config("bioclip2_clap", ["data.synth_if_missing=true"]).model.name == "bioclip2-clap"
+    with pytest.raises(ConfigError, match="packaged configs: bioclip2_clap, default"):
+        load_config("nope")
 
 
 def test_bad_config_fails_before_ray_starts():

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from biovita.data.synth import encode_image, make_taxonomy, synth_image
+from biovita.data.synth import make_taxonomy
+from biovita.data.synth_media import image_bytes, synth_image
 from biovita.errors import MediaError
-from biovita.image import ImageFrontEnd, decode_image, load_image, normalize, preprocess
+from biovita.frontends.image import ImageFrontEnd, load_image, normalize, preprocess, read_image
 
 
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
@@ -15,10 +16,10 @@ def test_uint8_pixels_normalised_equal_open_clip_preprocess(fmt, resize_mode):
     fe = ImageFrontEnd(image_size=96, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
                        resize_mode=resize_mode)
     rng = np.random.default_rng(3)
-    data = encode_image(synth_image(make_taxonomy(4, 0)[1], rng), fmt)
+    data = image_bytes(synth_image(make_taxonomy(4, 0)[1], rng), fmt)
     px = load_image(data, fe, 10**8)
     assert px.dtype == np.uint8 and px.shape == (3, 96, 96) and px.flags.c_contiguous
-    ref = preprocess(fe)(decode_image(data, 10**8))
+    ref = preprocess(fe)(read_image(data, 10**8))
     assert torch.equal(normalize(torch.from_numpy(px), fe), ref)  # bit for bit
     assert torch.equal(normalize(torch.from_numpy(px)[None], fe)[0], ref)  # batched
 
@@ -35,7 +36,7 @@ def test_model_normalises_uint8_pixels(tiny_model):
 
 
 def test_pixel_limit_checked_before_decoding():
-    data = encode_image(synth_image(make_taxonomy(4, 0)[0], np.random.default_rng(0)), "png")
+    data = image_bytes(synth_image(make_taxonomy(4, 0)[0], np.random.default_rng(0)), "png")
     with pytest.raises(MediaError) as e:
         load_image(data, ImageFrontEnd(64), max_pixels=1000)
     assert e.value.reason == "too_large"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from biovita import losses
+from biovita.train import losses
 
 B, W, D = 4, 2, 8
 

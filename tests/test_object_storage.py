@@ -51,7 +51,9 @@ def s3(tmp_path_factory):
 
 
 def test_store_on_s3_streams_through_ray_data(s3, ray_local, synth_store):
-    from biovita.data.pipeline import AudioDecodeSpec, audio_dataset, bad_media_counts, media_stats
+    from biovita.data.datasets import audio_dataset
+    from biovita.data.decode import AudioDecodeSpec
+    from biovita.data.stats import bad_media_counts, media_stats
 
     root, manifest = synth_store
     uri = "s3://biovita/store"
@@ -70,13 +72,14 @@ def test_checkpoints_and_models_on_s3(s3, ray_local, synth_store, tmp_path):
     from biovita.config import load_config
     from biovita.models.checkpoint import load_model
     from biovita.data.store import fetch_dir
-    from biovita.train.driver import Tracker, run_stage, save_init
+    from biovita.train.driver import run_stage, save_init
+    from biovita.train.tracking import Tracker
 
     root, _ = synth_store
     cfg = load_config(None, [f"data.root={root}", "train.storage_path=s3://biovita/runs",
                              "train.run_name=s3run", "stage0.max_steps=3", "stage0.batch_size=8",
                              "train.checkpoint_every=2", "mlflow.enabled=false"])
-    out = run_stage(cfg, "stage0", save_init(cfg), Tracker(cfg))
+    out = run_stage(cfg, "stage0", save_init(cfg), Tracker.for_job(cfg))
     assert out == "s3://biovita/runs/s3run/models/stage0"
     assert path_exists(f"{out}/model.safetensors")
     import boto3

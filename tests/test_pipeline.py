@@ -4,14 +4,13 @@ import time
 
 import numpy as np
 
-from biovita.audio import AudioFrontEnd
 from biovita.data import sampling
-from biovita.data.pipeline import (
-    AudioDecodeSpec, ImageDecodeSpec, TorchCollate, audio_dataset, bad_media_counts, image_dataset,
-    media_stats,
-)
+from biovita.data.datasets import TorchCollate, audio_dataset, image_dataset
+from biovita.data.decode import AudioDecodeSpec, ImageDecodeSpec
+from biovita.data.stats import bad_media_counts, media_stats
 from biovita.data.store import read_table
-from biovita.image import ImageFrontEnd
+from biovita.frontends.audio import AudioFrontEnd
+from biovita.frontends.image import ImageFrontEnd
 
 
 def test_balanced_counts_cap_all_and_oversample():
@@ -139,7 +138,7 @@ def test_a_slow_consumer_holds_decoding_back_without_spinning(ray_local, synth_s
 
 
 def test_row_group_selection_skips_unplanned_and_other_splits(synth_store):
-    from biovita.data.pipeline import RowGroup, row_groups, select_row_groups
+    from biovita.data.planning import RowGroup, row_groups, select_row_groups
 
     root, manifest = synth_store
     groups = row_groups(str(root), "audio")
@@ -157,7 +156,7 @@ def test_row_group_selection_skips_unplanned_and_other_splits(synth_store):
 
 
 def test_decode_tasks_gather_small_row_groups_but_keep_every_decoder_busy(synth_store):
-    from biovita.data.pipeline import TASK_BYTES, RowGroup, decode_tasks, row_groups
+    from biovita.data.planning import TASK_BYTES, RowGroup, decode_tasks, row_groups
 
     root, _ = synth_store
     groups = row_groups(str(root), "image")
@@ -178,8 +177,20 @@ def test_single_pass_shortens_the_executor_completion_wait(ray_local, synth_stor
     """Ray Data's loop waits up to 0.1 s for every running task; single passes lower that."""
     from ray.data._internal.execution import streaming_executor_state
 
-    from biovita.data.pipeline import COMPLETION_WAIT_S
+    from biovita.data.ray_patches import COMPLETION_WAIT_S
 
     root, _ = synth_store
     audio_dataset(str(root), AudioDecodeSpec(mode="onset", prompts="none", stats_name=None), split=None)
     assert streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == COMPLETION_WAIT_S
+
+
+def test_ray_patches_refuse_another_ray_version():
+    """The Ray-internal patches were written for one Ray version: on another, importing them
+    says so (and what to do) instead of misbehaving."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import ray; ray.__version__ = '9.9.9'; "
+                        "import biovita.data.ray_patches"], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "written for Ray 2.60.0; this environment has Ray 9.9.9" in r.stderr

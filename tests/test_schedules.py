@@ -3,10 +3,12 @@ import math
 import pytest
 import torch
 
-from biovita import schedules
-from biovita.config import Stage2Config
+from biovita.config import Stage2Config, StageConfig
+from biovita.train import freeze, schedules
+from biovita.train.stages import PHASE1, PHASE2, STAGE0, STAGE1, STAGES
 
 S2 = Stage2Config()
+ST = StageConfig(lr=1e-4, weight_decay=0.05)
 
 
 def test_ramps_follow_method():
@@ -62,22 +64,23 @@ def test_phase2_loss_composition():
 
 
 def test_freeze_plan_by_stage_and_step():
-    assert "image" not in set().union(*(schedules.trainable_groups(s) for s in schedules.STAGES[1:]))
-    assert "text" not in schedules.trainable_groups("stage1")
-    assert "text" not in schedules.trainable_groups("stage2.phase1")
-    assert "text" in schedules.trainable_groups("stage2.phase2")
-    assert "audio" in schedules.trainable_groups("stage1")
-    assert "audio" not in schedules.trainable_groups("stage2.phase2")
-    assert not schedules.group_active("audio_upper", "stage2.phase2", 299, S2)
-    assert schedules.group_active("audio_upper", "stage2.phase2", 300, S2)
-    assert not schedules.group_active("logit_scale", "stage2.phase2", 599, S2)
-    assert schedules.group_active("logit_scale", "stage2.phase2", 600, S2)
-    assert schedules.group_active("audio_upper", "stage2.phase1", 0, S2)
+    assert "image" not in set().union(*(s.trainable for s in STAGES[1:]))
+    assert "text" not in STAGE1.trainable
+    assert "text" not in PHASE1.trainable
+    assert "text" in PHASE2.trainable
+    assert "audio" in STAGE1.trainable
+    assert "audio" not in PHASE2.trainable
+    assert not PHASE2.role_active("audio_upper", 299, S2)
+    assert PHASE2.role_active("audio_upper", 300, S2)
+    assert not PHASE2.role_active("logit_scale", 599, S2)
+    assert PHASE2.role_active("logit_scale", 600, S2)
+    assert PHASE1.role_active("audio_upper", 0, S2)
+    assert STAGE0.trainable == {"image", "text", "clip_scale"}
 
 
 def test_param_groups_lr_decay_and_requires_grad(tiny_model):
     model = tiny_model
-    groups = schedules.param_groups(model, "stage2.phase2", 1e-4, 0.05, S2)
+    groups = freeze.param_groups(model, PHASE2, ST, S2)
     by = {g["name"]: g for g in groups}
     assert by["text.decay"]["lr"] == 5e-6 and by["text.decay"]["weight_decay"] == 0.01
     assert by["adapter.decay"]["lr"] == 1e-4 and by["adapter.decay"]["weight_decay"] == 0.05
@@ -90,25 +93,25 @@ def test_param_groups_lr_decay_and_requires_grad(tiny_model):
         if p.requires_grad and (name.endswith(".bias") or "norm" in name):
             assert id(p) in nd, name
     assert not any(p.requires_grad for p in model.image_parameters())
-    rest = [p for n, p in schedules.named_groups(model)["audio"]]
+    rest = [p for n, p in freeze.named_roles(model)["audio"]]
     assert rest and not any(p.requires_grad for p in rest)
     # every parameter is in exactly one role
-    roles = schedules.named_groups(model)
+    roles = freeze.named_roles(model)
     assert sum(len(v) for v in roles.values()) == len(list(model.parameters()))
 
     opt = torch.optim.AdamW(groups)
-    schedules.apply_group_schedule(opt, "stage2.phase2", 10, S2)
+    freeze.apply_group_schedule(opt, PHASE2, 10, S2)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["audio_upper.decay"] == 0 and lrs["logit_scale.no_decay"] == 0 and lrs["text.decay"] == 5e-6
-    schedules.apply_group_schedule(opt, "stage2.phase2", 600, S2)
+    freeze.apply_group_schedule(opt, PHASE2, 600, S2)
     assert {g["name"]: g["lr"] for g in opt.param_groups}["audio_upper.decay"] == 1e-5
 
-    schedules.param_groups(model, "stage1", 1e-4, 0.05, S2)
+    freeze.param_groups(model, STAGE1, ST, S2)
     assert all(p.requires_grad for p in model.audio.parameters())
     assert not any(p.requires_grad for p in model.text_parameters())
 
 
 def test_logit_scale_reset():
     p = torch.nn.Parameter(torch.tensor([4.6]))
-    schedules.reset_logit_scale(p, 0.2)
+    freeze.reset_logit_scale(p, 0.2)
     assert p.item() == pytest.approx(math.log(5))

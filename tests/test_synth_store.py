@@ -60,7 +60,7 @@ def test_audio_varies_in_rate_channels_and_duration(synth_store):
 
 def test_related_taxa_sound_related(synth_store):
     """Mean log-mel profiles: same family closer than same class, closer than other classes."""
-    from biovita.audio import AudioFrontEnd, load_clip, log_mel
+    from biovita.frontends.audio import AudioFrontEnd, load_clip, log_mel
 
     root, _ = synth_store
     rows = [r for r in read_table(root, "audio", ["id", "bytes", "species_id", "genus", "family", "class"]).to_pylist()
@@ -94,14 +94,14 @@ def test_deterministic_for_a_seed(tmp_path):
 
     def digest(root):
         """Decoded samples (an Ogg stream's serial number is random by design) + image bytes."""
-        from biovita.audio import decode_audio
+        from biovita.frontends.audio import read_audio
         from biovita.errors import MediaError
 
         h = hashlib.sha256()
         for r in read_table(root, "audio", ["id", "bytes"]).to_pylist():
             h.update(r["id"].encode())
             try:
-                h.update(decode_audio(r["bytes"])[0].tobytes())
+                h.update(read_audio(r["bytes"])[0].tobytes())
             except MediaError as e:
                 h.update(e.reason.encode())
         for r in read_table(root, "image", ["id", "bytes"]).to_pylist():

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _space(tmp_path, root, params, **extra):
     spec = {
-        "base_config": str(ROOT / "configs" / "default.yaml"),
+        "base_config": "default",
         "overrides": [f"data.root={root}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
                       f"train.storage_path={tmp_path / 'runs'}", "stage0.epochs=1", "stage0.max_steps=2",
                       "stage0.batch_size=8", "stage1.epochs=1", "stage1.max_steps=4", "stage1.batch_size=4",
@@ -64,8 +64,9 @@ def test_two_trial_sweep(ray_local, synth_store, tmp_path):
     arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert {"best_config.yaml", "trials.png"} <= arts
     # the best config runs: one more stage-1 step from it
-    from biovita.train.driver import Tracker, run_stage, save_init
+    from biovita.train.driver import run_stage, save_init
+    from biovita.train.tracking import Tracker
 
     cfg = load_config(out["best_config"], ["stage1.max_steps=1", "mlflow.enabled=false",
                                            "train.run_name=from-best"])
-    assert Path(run_stage(cfg, "stage1", save_init(cfg), Tracker(cfg)), "model.safetensors").is_file()
+    assert Path(run_stage(cfg, "stage1", save_init(cfg), Tracker.for_job(cfg)), "model.safetensors").is_file()

@@ -32,6 +32,16 @@ def format_table(result: dict, bench: str | Path | None = None, title: str = "")
     return "\n".join(lines)
 
 
+def print_skipped(result: dict, out=None) -> None:
+    """One line per task with skipped queries (to stderr): how many, and why."""
+    import sys
+
+    for level, tasks in result.get("skipped_detail", {}).items():
+        for code, reasons in tasks.items():
+            print(f"skipped {level}/{code}: " + ", ".join(f"{k}={v}" for k, v in reasons.items()),
+                  file=out or sys.stderr)
+
+
 def mean_top1(result: dict, level: str = "species") -> float:
     return sum(result[level][c]["top1"] for c in ORDER) / len(ORDER)
 

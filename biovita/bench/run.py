@@ -1,12 +1,13 @@
-"""Extract a checkpoint's features for a benchmark (Ray Data batch inference), then score."""
+"""Extract a checkpoint's features for a benchmark (Ray Data batch inference), then score:
+`evaluate` is the one way the job and `biovita bench run` benchmark a model."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from biovita.data.pipeline import files_dataset
-from biovita.embed import decode_for_embedding, embed, embed_texts
+from biovita.bench.features import decode_for_embedding, embed
+from biovita.data.datasets import files_dataset
 from biovita.errors import BenchmarkError
 from biovita.taxonomy import LEVELS
 
@@ -56,8 +57,27 @@ def extract_features(bench: str | Path, checkpoint: str, feats: str | Path, use_
     written["text"] = len(todo)
     if todo:
         model = load_model(fetch_dir(checkpoint))
-        per_level = {lvl: embed_texts(model, [r[lvl] for r in todo]) for lvl in LEVELS}
+        per_level = {lvl: model.embed_texts([r[lvl] for r in todo]) for lvl in LEVELS}
         for n, r in enumerate(todo):
             torch.save({lvl: torch.from_numpy(per_level[lvl][n].copy()) for lvl in LEVELS},
                        out / f"{r['id']}.pt")
     return written
+
+
+def evaluate(bench: str | Path, checkpoint: str, feats: str | Path, use_gpu: bool = False,
+             json_out: str | Path | None = None, logger=None, prefix: str = "bench",
+             title: str = "") -> dict:
+    """Features (resumable), scores, the printed table; with `json_out` the JSON and its
+    plots beside it, logged to MLflow under `prefix` when a logger is given."""
+    from biovita.bench.report import format_table, print_skipped, write_results
+    from biovita.bench.score import score_benchmark
+
+    n = extract_features(bench, checkpoint, feats, use_gpu=use_gpu)
+    print(f"features written: {n} -> {feats}", flush=True)
+    result = score_benchmark(bench, feats)
+    print()
+    print(format_table(result, bench, title=title))
+    print_skipped(result)
+    if json_out:
+        write_results(result, json_out, logger=logger, prefix=prefix)
+    return result

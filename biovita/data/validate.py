@@ -25,14 +25,12 @@ def check_store_schema(root: str) -> list[str]:
 def validate_store(root: str, json_out: str | None = None, echo: bool = True) -> tuple[bool, dict]:
     """(schema ok, {"audio": {"good", "bad", "reasons"}, "image": {...}}); bad media alone is
     not an error."""
-    import ray
-
-    from biovita.audio import AudioFrontEnd
-    from biovita.data.pipeline import (
-        AudioDecodeSpec, ImageDecodeSpec, audio_dataset, bad_media_counts, image_dataset,
-        init_ray, media_stats,
-    )
-    from biovita.image import ImageFrontEnd
+    from biovita.data.datasets import audio_dataset, image_dataset
+    from biovita.data.decode import AudioDecodeSpec, ImageDecodeSpec
+    from biovita.data.stats import bad_media_counts, drop_media_stats, media_stats
+    from biovita.frontends.audio import AudioFrontEnd
+    from biovita.frontends.image import ImageFrontEnd
+    from biovita.runtime import init_ray
 
     problems = check_store_schema(root)
     report: dict = {"root": str(root), "schema_problems": problems}
@@ -45,7 +43,7 @@ def validate_store(root: str, json_out: str | None = None, echo: bool = True) ->
         return False, report
     init_ray()
     name = f"biovita-validate-{uuid.uuid4().hex[:8]}"
-    stats = media_stats(name)
+    media_stats(name)
     try:
         datasets = {
             "audio": audio_dataset(root, AudioDecodeSpec(AudioFrontEnd(), mode="onset", prompts="none",
@@ -60,10 +58,7 @@ def validate_store(root: str, json_out: str | None = None, echo: bool = True) ->
             report[table] = {"good": good}
         snap = bad_media_counts(name)
     finally:
-        from biovita.data.pipeline import _HANDLES
-
-        _HANDLES.pop(name, None)
-        ray.kill(stats)
+        drop_media_stats(name)
     for table in MEDIA_TABLES:
         reasons = snap["bad"].get(table, {})
         report[table].update(bad=sum(reasons.values()), reasons=reasons,

@@ -10,6 +10,7 @@ Each tower's source is logged; a tower left random is warned about, or raises wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,9 +21,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from biovita.audio import AudioFrontEnd
+from biovita.frontends.audio import AudioFrontEnd
 from biovita.config import ModelConfig
-from biovita.image import ImageFrontEnd
+from biovita.frontends.image import ImageFrontEnd
 from biovita.models.registry import (
     CLAP_PREPROCESS,
     MODEL_CONFIGS,
@@ -85,7 +86,8 @@ def create_clip(ref: str, pretrained: str = "") -> tuple[Any, dict, ImageFrontEn
         _register_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG)
     model_cfg, _ = _clip_config(ref)
     has_schema = ref.startswith(("hf-hub:", "local-dir:"))
-    model = open_clip.create_model(ref, pretrained=(pretrained or None) if not has_schema else None)
+    with _quiet_open_clip():
+        model = open_clip.create_model(ref, pretrained=(pretrained or None) if not has_schema else None)
     if has_schema:
         source = ref
         if ref.startswith("local-dir:") and not open_clip.factory._find_checkpoint_in_dir(
@@ -171,7 +173,6 @@ def create_model(cfg: ModelConfig | str = "tiny"):
             if cfg.require_pretrained:
                 raise PretrainedWeightsError(msg + "; require_pretrained is set")
             warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
     log.info("audio adapter + logit scale: new parameters (trained by BioVITA)")
     arch = {
         "name": cfg.name,
@@ -184,6 +185,28 @@ def create_model(cfg: ModelConfig | str = "tiny"):
     return BioVITA(clip, audio, arch, init_temperature=cfg.init_temperature)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_open_clip(random_is_expected: bool = False):
+    """open_clip narrates model creation on the root logger (six INFO lines per model in
+    every Ray worker) and warns that a model built without a pretrained tag is random, also
+    when trained weights are loaded right after."""
+    root = logging.getLogger()
+    level, f = root.level, _DropRandomInitWarning()
+    root.setLevel(max(level, logging.WARNING))
+    if random_is_expected:
+        root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.removeFilter(f)
+
+
 def build_from_arch(arch: dict):
     """Rebuild the architecture (random weights) from a checkpoint's `arch`; no network."""
     import open_clip
@@ -194,6 +217,7 @@ def build_from_arch(arch: dict):
     digest = hashlib.sha1(json.dumps(arch["clip_config"], sort_keys=True).encode()).hexdigest()[:12]
     name = f"biovita-arch-{digest}"
     _register_clip_config(name, arch["clip_config"])
-    clip = open_clip.create_model(name, pretrained=None)
+    with _quiet_open_clip(random_is_expected=True):  # the weights are loaded right after
+        clip = open_clip.create_model(name, pretrained=None)
     audio = ClapAudioModelWithProjection(ClapAudioConfig(**arch["audio_config"]))
     return BioVITA(clip, audio, arch)

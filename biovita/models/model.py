@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biovita.audio import AudioFrontEnd
-from biovita.image import ImageFrontEnd, normalize
+from biovita.frontends.audio import AudioFrontEnd
+from biovita.frontends.image import ImageFrontEnd, normalize
 
 
 class BioVITA(nn.Module):
@@ -79,6 +79,18 @@ class BioVITA(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_text(tokens), dim=-1)
+
+    def embed_texts(self, texts: list[str], batch_size: int = 256):
+        """L2-normalised embeddings (numpy, float32) of strings, tokenized here."""
+        import numpy as np
+
+        tok = self.tokenizer()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                tokens = tok(texts[i:i + batch_size]).to(self.logit_scale.device)
+                out.append(self.encode_text(tokens).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def forward(self, mel=None, pixels=None, tokens=None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"logit_scale": self.logit_scale.exp()}

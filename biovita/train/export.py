@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tempfile
 
-import ray.train
 import torch.distributed as dist
 
 from biovita.data.store import upload_dir
@@ -14,9 +13,8 @@ from biovita.models.checkpoint import save_model
 def export_consolidated(eng, module, export_to: str, stage: str, state: dict, metrics: dict,
                         taxa: list[dict] | None = None) -> None:
     """All ranks gather ZeRO-3 shards; rank 0 writes the model to `export_to` (path or URI)."""
-    rank = ray.train.get_context().get_world_rank()
     with eng.gathered(module.parameters()):
-        if rank == 0:
+        if eng.rank == 0:
             meta = {"stage": stage, "step": state["step"],
                     "baseline_atc": state.get("baseline_atc"),
                     "metrics": {k: float(v) for k, v in metrics.items()}, "taxa": taxa or []}

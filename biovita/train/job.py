@@ -1,17 +1,18 @@
 """The main job: validate the config, train every stage, benchmark, print the results.
 
-`python ray_jobs/train.py [--config FILE] [key=value ...]` and `biovita train` both land here.
+`python ray_jobs/train.py [--config NAME|FILE] [key=value ...]` and `biovita train` both land here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from biovita.config import DEFAULT_CONFIG, ConfigError, load_config
+from biovita.config import ConfigError, load_config, packaged_configs
 
 
 def parser(prog: str = "train.py") -> argparse.ArgumentParser:
@@ -20,11 +21,13 @@ def parser(prog: str = "train.py") -> argparse.ArgumentParser:
         description="Train both BioVITA stages on Ray Train + DeepSpeed, then run the benchmark. "
         "With no arguments: the embedded synthetic run on a local Ray instance.",
         epilog="examples:\n  python ray_jobs/train.py\n"
-        "  python ray_jobs/train.py --config configs/bioclip2_clap.yaml train.num_workers=16\n"
+        "  python ray_jobs/train.py --config bioclip2_clap train.num_workers=16\n"
         "  ray job submit --working-dir . -- python ray_jobs/train.py train.run_name=exp1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    p.add_argument("--config", default="default",
+                   help="a YAML file, or a config shipped with biovita: "
+                        f"{', '.join(packaged_configs())} (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.num_workers=2 stage1.lr=1e-4")
     p.add_argument("--no-bench", action="store_true", help="train only; skip the benchmark")
@@ -46,42 +49,40 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
 
 
 def run(cfg, bench: bool = True) -> str | None:
-    import ray
-
-    from biovita.data.pipeline import init_ray
-    from biovita.train.driver import Tracker, ensure_data, log_job_params, run_dir, run_training
+    from biovita.data.stats import media_stats
+    from biovita.runtime import configure_output, init_ray
+    from biovita.train.chain import ensure_data, run_chain, stages_to_run
+    from biovita.train.driver import dataset_fingerprint, run_dir, save_init
+    from biovita.train.tracking import Tracker, git_commit
 
     t0 = time.time()
     ensure_data(cfg)
     # a local instance gets 2 logical CPUs per core: the trainer's threads and the light
     # decode tasks then share the cores instead of the decode tasks waiting for a free CPU
     init_ray(num_cpus=2 * (os.cpu_count() or 1), object_store_memory=int(1e9))
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the trainer prints one progress line per stage instead
-    tracker = Tracker(cfg)
-    log_job_params(cfg, tracker)
+    configure_output()
+    tracker = Tracker.for_job(cfg)
+    if tracker.parent:
+        tracker.parent.params({**cfg.flat(), "git_commit": git_commit(),
+                               "dataset_fingerprint": dataset_fingerprint(cfg.data.root)})
     try:
-        models = run_training(cfg, tracker)
+        media_stats().reset.remote()
+        models = run_chain(cfg, tracker, stages_to_run(cfg), save_init(cfg))
         out = run_benchmarks(cfg, models, tracker) if bench else None
     except BaseException:
-        if tracker.parent:
-            tracker.parent.end("FAILED")
+        tracker.end("FAILED")
         raise
     if tracker.parent:
         tracker.parent.metrics({"job_seconds": time.time() - t0}, step=0)
-        tracker.parent.end()
+    tracker.end()
     print(f"total time {time.time() - t0:.0f} s; run dir {run_dir(cfg)}")
     return out
 
 
 def run_benchmarks(cfg, models: dict[str, str], tracker) -> str:
     """Build the benchmark from the store, score stage 1 and stage 2, print and log."""
-    import json
-
     from biovita.bench.build import build_benchmark
-    from biovita.bench.report import format_table, write_results
-    from biovita.bench.run import extract_features
-    from biovita.bench.score import score_benchmark
+    from biovita.bench.run import evaluate
     from biovita.data.store import is_remote
     from biovita.train.driver import run_dir
 
@@ -93,20 +94,14 @@ def run_benchmarks(cfg, models: dict[str, str], tracker) -> str:
     for stage in ("stage1", "stage2.phase2"):
         if stage not in models:
             continue
-        feats = local / "features" / stage
-        extract_features(bench, models[stage], feats, use_gpu=cfg.train.use_gpu)
-        scored[stage] = score_benchmark(bench, feats)
-    final_stage = "stage2.phase2" if "stage2.phase2" in scored else "stage1"
-    result = dict(scored[final_stage])
-    result["stage"] = final_stage
-    result["checkpoint"] = models[final_stage]
-    out = local / "results.json"
-    for stage, res in scored.items():
         name = "stage2" if stage == "stage2.phase2" else stage
-        print()
-        print(format_table(res, bench, title=f"BioVITA Bench ({cfg.bench.split}) - {name}"))
-        write_results(res, local / f"results_{name}.json",
-                      logger=tracker.parent, prefix=f"bench_{name}")
+        scored[stage] = evaluate(bench, models[stage], local / "features" / stage,
+                                 use_gpu=cfg.train.use_gpu, json_out=local / f"results_{name}.json",
+                                 logger=tracker.parent, prefix=f"bench_{name}",
+                                 title=f"BioVITA Bench ({cfg.bench.split}) - {name}")
+    final_stage = "stage2.phase2" if "stage2.phase2" in scored else "stage1"
+    result = {**scored[final_stage], "stage": final_stage, "checkpoint": models[final_stage]}
+    out = local / "results.json"
     out.write_text(json.dumps(result, indent=1))
     if tracker.parent:
         tracker.parent.artifact(out, "bench")

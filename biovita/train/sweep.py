@@ -19,16 +19,24 @@ from typing import Any
 
 import yaml
 
-from biovita.config import REPO_ROOT, Config, ConfigError, load_config, save_config
+from biovita.config import (
+    PACKAGED_CONFIGS,
+    Config,
+    ConfigError,
+    load_config,
+    resolve_config_path,
+    save_config,
+)
 
-DEFAULT_SPACE = REPO_ROOT / "tune" / "spaces" / "default.yaml"
+SPACES = PACKAGED_CONFIGS / "sweeps"  # search spaces shipped with biovita
+DEFAULT_SPACE = SPACES / "default.yaml"
 SEARCHERS = ("random", "grid", "optuna")
 KINDS = ("uniform", "loguniform", "choice", "grid")
 
 
 @dataclass
 class SweepSpec:
-    base_config: str = str(REPO_ROOT / "configs" / "default.yaml")
+    base_config: str = "default"  # a training config: packaged name or YAML path
     overrides: list[str] = field(default_factory=list)  # applied to the base config
     stages: list[str] = field(default_factory=lambda: ["stage1", "stage2.phase1", "stage2.phase2"])
     metric: str = "top1_batch"
@@ -45,7 +53,7 @@ class SweepSpec:
 
 def load_space(path: str | os.PathLike, extra_overrides: list[str] = ()) -> tuple[SweepSpec, Config]:
     """Read and validate a search space; every error is raised before any trial starts."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = yaml.safe_load(resolve_config_path(path, SPACES, DEFAULT_SPACE).read_text()) or {}
     known = set(SweepSpec.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -128,69 +136,33 @@ def trial_config(base: Config, params: dict[str, Any], trial_id: str, storage: s
     return cfg
 
 
-def make_driver_fn(base: Config, spec: SweepSpec, init_model: str, storage: str, mlflow: dict):
-    """The Tune trainable: one trial = the chosen stages, each a TorchTrainer."""
+def make_driver_fn(base: Config, spec: SweepSpec, init_model: str, storage: str,
+                   parent_run: str | None):
+    """The Tune trainable: one trial = the chosen stages (`run_chain`), each a TorchTrainer,
+    all logged into the trial's one MLflow run under the sweep's parent run."""
 
     def driver_fn(params: dict) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from biovita.train.driver import image_embeddings, run_stage
-        from biovita.tracking import RunLogger, find_or_create_run
+        from biovita.train.chain import run_chain
+        from biovita.train.stages import get_stage
+        from biovita.train.tracking import Tracker
 
         trial_id = tune.get_context().get_trial_id()
         cfg = trial_config(base, params, trial_id, storage)
-        logger = None
-        if mlflow:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(mlflow["uri"])
-            rid = find_or_create_run(client, mlflow["exp"], f"trial-{trial_id}",
-                                     {"biovita.trial": trial_id}, parent_id=mlflow["parent"])
-            logger = RunLogger(mlflow["uri"], rid)
-            logger.params(params)
-        tracker = _TrialTracker(logger)
-        last, emb = init_model, None
-        callbacks = [TuneReportCallback()]
-        for stage in spec.stages:
-            if stage.startswith("stage2") and emb is None:
-                emb = image_embeddings(cfg, last)
-            baseline = None
-            if stage == "stage2.phase2":
-                from biovita.data.store import fetch_dir
-                from biovita.models.checkpoint import read_meta
-
-                baseline = read_meta(fetch_dir(last))["metadata"].get("baseline_atc")
-            last = run_stage(cfg, stage, last, tracker, emb, baseline, callbacks=callbacks,
-                             report_every_log=True)
-        if logger:
-            logger.tags({"biovita.final_model": last})
-            logger.end()
+        cfg.mlflow.enabled = parent_run is not None
+        tracker = Tracker(cfg.mlflow, f"trial-{trial_id}", {"biovita.trial": trial_id},
+                          parent_id=parent_run, per_stage=False)
+        if tracker.parent:
+            tracker.parent.params(params)
+        models = run_chain(cfg, tracker, [get_stage(s) for s in spec.stages], init_model,
+                           callbacks=[TuneReportCallback()], report_every_log=True)
+        if tracker.parent:
+            tracker.parent.tags({"biovita.final_model": models[spec.stages[-1]]})
+        tracker.end()
 
     return driver_fn
-
-
-class _TrialTracker:
-    """Lets run_stage log every stage of a trial into the trial's one MLflow run."""
-
-    def __init__(self, logger):
-        self.logger = logger
-
-    def child(self, stage: str):
-        return _NoEnd(self.logger) if self.logger else None
-
-
-class _NoEnd:
-    def __init__(self, logger):
-        self._l = logger
-        self.uri, self.run_id = logger.uri, logger.run_id
-
-    def __getattr__(self, name):
-        return getattr(self._l, name)
-
-    def end(self, status: str = "FINISHED") -> None:  # the trial ends its run itself
-        if status != "FINISHED":
-            self._l.end(status)
 
 
 def concurrent_trials(cfg: Config) -> int:
@@ -204,49 +176,33 @@ def concurrent_trials(cfg: Config) -> int:
     return max(1, int(res.get(key, 1) // need))
 
 
-def run_sweep(spec: SweepSpec, base: Config) -> dict:
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+def _shared_base(base: Config, spec: SweepSpec, storage: str) -> str:
+    """The trial-independent start: the init weights and (embedded run) the stage-0 model."""
+    from biovita.train.chain import needs_stage0, run_chain
+    from biovita.train.driver import save_init
+    from biovita.train.stages import STAGE0
+    from biovita.train.tracking import Tracker
 
-    from biovita.data.pipeline import init_ray
-    from biovita.tracking import RunLogger, experiment_id, find_or_create_run, resolve_tracking_uri
-    from biovita.train.driver import Tracker, ensure_data, run_stage, save_init
-
-    t0 = time.time()
-    ensure_data(base)
-    init_ray(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=int(1e9))
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
-    # trial-independent base: the init weights and (embedded run) the stage-0 image-text model
     shared = copy.deepcopy(base)
     shared.train.run_name = f"{spec.name}-shared"
     shared.train.storage_path = storage
     shared.mlflow.enabled = False
     init = save_init(shared)
-    from biovita.models.registry import MODEL_CONFIGS
+    if needs_stage0(shared):
+        init = run_chain(shared, Tracker(shared.mlflow, "", {}), [STAGE0], init)["stage0"]
+    return init
 
-    if shared.stage0.enabled and not MODEL_CONFIGS[shared.model.name].pretrained \
-            and not shared.model.clip_model.startswith("hf-hub:"):
-        init = run_stage(shared, "stage0", init, Tracker(shared))
 
-    uri = resolve_tracking_uri(base.mlflow.tracking_uri)
-    mlflow: dict = {}
-    parent = None
-    if base.mlflow.enabled:
-        from mlflow.tracking import MlflowClient
+def _tuner(spec: SweepSpec, base: Config, trainable, storage: str):
+    """A new Tuner, or the interrupted sweep's, restored."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
 
-        client = MlflowClient(uri)
-        exp = experiment_id(client, base.mlflow.experiment, uri)
-        pid = find_or_create_run(client, exp, spec.name, {"biovita.sweep": spec.name})
-        parent = RunLogger(uri, pid)
-        parent.params({"sweep.searcher": spec.searcher, "sweep.num_samples": spec.num_samples,
-                       "sweep.metric": spec.metric, "sweep.stages": ",".join(spec.stages),
-                       **{f"space.{k}": v for k, v in spec.params.items()}})
-        mlflow = {"uri": uri, "exp": exp, "parent": pid}
-
-    max_t = 10_000
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+    path = f"{storage}/{spec.name}"
+    if tune.Tuner.can_restore(path):
+        print(f"resuming the interrupted sweep at {path}", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10_000,
                               grace_period=spec.asha.get("grace_period", 1),
                               reduction_factor=spec.asha.get("reduction_factor", 2))
     search_alg = None
@@ -254,37 +210,50 @@ def run_sweep(spec: SweepSpec, base: Config) -> dict:
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=spec.seed)
-    concurrency = spec.max_concurrent_trials or concurrent_trials(base)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            max_concurrent_trials=spec.max_concurrent_trials or concurrent_trials(base),
+            scheduler=scheduler, search_alg=search_alg),
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage,
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+
+
+def run_sweep(spec: SweepSpec, base: Config) -> dict:
+    from ray import tune
+
+    from biovita.runtime import configure_output, init_ray
+    from biovita.train.chain import ensure_data
+    from biovita.train.tracking import Tracker
+
+    t0 = time.time()
+    ensure_data(base)
+    init_ray(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=int(1e9))
+    configure_output()
+    storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
+    init = _shared_base(base, spec, storage)
+    parent = Tracker(base.mlflow, spec.name, {"biovita.sweep": spec.name}).parent
+    if parent:
+        parent.params({"sweep.searcher": spec.searcher, "sweep.num_samples": spec.num_samples,
+                       "sweep.metric": spec.metric, "sweep.stages": ",".join(spec.stages),
+                       **{f"space.{k}": v for k, v in spec.params.items()}})
     # the trial driver only waits on its TorchTrainer: it must not hold a CPU that the
     # training workers or the decode tasks need (with 4 CPUs and 2 trials it deadlocks)
-    trainable = tune.with_resources(make_driver_fn(base, spec, init, storage, mlflow), {"CPU": 0.01})
-    path = f"{storage}/{spec.name}"
-    if tune.Tuner.can_restore(path):
-        print(f"resuming the interrupted sweep at {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(spec),
-            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                        max_concurrent_trials=concurrency, scheduler=scheduler,
-                                        search_alg=search_alg),
-            run_config=tune.RunConfig(name=spec.name, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
-        )
-    results = tuner.fit()
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        rows.append({"trial": Path(r.path).name if r.path else "?", **r.config,
-                     spec.metric: m.get(spec.metric), "iterations": m.get("training_iteration"),
-                     "error": bool(r.error)})
-    good = [r for r in rows if r[spec.metric] is not None]
-    good.sort(key=lambda r: r[spec.metric], reverse=spec.mode == "max")
+    trainable = tune.with_resources(
+        make_driver_fn(base, spec, init, storage, parent.run_id if parent else None), {"CPU": 0.01})
+    results = _tuner(spec, base, trainable, storage).fit()
+    rows = [{"trial": Path(r.path).name if r.path else "?", **r.config,
+             spec.metric: (r.metrics or {}).get(spec.metric),
+             "iterations": (r.metrics or {}).get("training_iteration"), "error": bool(r.error)}
+            for r in results]
+    good = sorted((r for r in rows if r[spec.metric] is not None), key=lambda r: r[spec.metric],
+                  reverse=spec.mode == "max")
     if not good:
-        raise RuntimeError("no trial reported the metric; see the trial logs under " + path)
-    best_params = {k: good[0][k] for k in spec.params}
-    best_cfg = trial_config(base, best_params, "best", storage)
+        raise RuntimeError(f"no trial reported the metric; see the trial logs under {storage}/{spec.name}")
+    best_cfg = trial_config(base, {k: good[0][k] for k in spec.params}, "best", storage)
     best_cfg.train.run_name = f"{spec.name}-best"
     best_cfg.train.storage_path = base.train.storage_path
     out_dir = Path(storage if "://" not in storage else "results") / spec.name
@@ -349,7 +318,9 @@ def plot_trials(rows: list[dict], spec: SweepSpec, path: Path) -> Path:
 def main(argv: list[str] | None = None, prog: str = "sweep.py") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Ray Tune sweep of BioVITA's temperature, "
                                 "loss weights and learning rates (ASHA; MLflow parent + child runs).")
-    p.add_argument("--space", default=str(DEFAULT_SPACE), help="search space YAML (default: %(default)s)")
+    p.add_argument("--space", default="default",
+                   help="search space: a YAML file or a space shipped with biovita "
+                        "(biovita/configs/sweeps/; default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the base training config, e.g. stage1.epochs=2")
     a = p.parse_args(argv)

@@ -68,6 +68,22 @@ def itc(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.T
     return contrastive_loss(image, text, scale)
 
 
+def all_mean(values: list[float]) -> list[float]:
+    """Mean over workers, so every rank takes the same schedule decisions."""
+    t = torch.tensor(values, dtype=torch.float64)
+    _, ws = dist_info()
+    if ws > 1:
+        dist.all_reduce(t)
+        t /= ws
+    return t.tolist()
+
+
+def batch_top1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """In-batch a->b retrieval Top-1 (the cheap retrieval metric of a training step)."""
+    with torch.no_grad():
+        return (a @ b.T).argmax(1).eq(torch.arange(len(a), device=a.device)).float().mean().item()
+
+
 @torch.no_grad()
 def clamp_logit_scale(param: torch.Tensor) -> None:
     param.clamp_(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX)

@@ -1,4 +1,4 @@
-"""MLflow tracking: one parent run per job (or sweep), one child run per stage (or trial).
+"""MLflow tracking: one parent run per job (or sweep, or sweep trial) and its stage runs.
 
 Uses MlflowClient with explicit run ids, so the driver owns the runs' life cycle and rank 0 of
 any worker can log into them; a resumed job finds its unfinished parent run by name.
@@ -71,10 +71,12 @@ def find_or_create_run(
 
 
 class RunLogger:
-    """Thin, picklable logger for one MLflow run (used on the driver and on rank 0)."""
+    """Thin, picklable logger for one MLflow run (used on the driver and on rank 0).
+    `owned=False`: a run that someone else ends (a stage logging into its trial's run); a
+    failure still marks it FAILED."""
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, uri: str, run_id: str, owned: bool = True):
+        self.uri, self.run_id, self.owned = uri, run_id, owned
         self._client: MlflowClient | None = None
 
     @property
@@ -84,7 +86,7 @@ class RunLogger:
         return self._client
 
     def __getstate__(self):
-        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+        return {"uri": self.uri, "run_id": self.run_id, "owned": self.owned, "_client": None}
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
@@ -110,12 +112,52 @@ class RunLogger:
             self.client.log_artifact(self.run_id, str(p), subdir)
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        if self.owned or status != "FINISHED":
+            self.client.set_terminated(self.run_id, status=status)
 
     @property
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
 
 
-__all__ = ["RunLogger", "RunStatus", "resolve_tracking_uri", "experiment_id", "find_or_create_run",
-           "git_commit", "TAG_RUN_NAME", "TAG_STAGE"]
+class Tracker:
+    """A parent run (a job, a sweep or one sweep trial) and the runs of its stages.
+
+    `per_stage`: each stage gets a child run (a job); otherwise every stage logs into the
+    parent itself (a trial: one run per trial). Disabled (`mlflow.enabled=false`): no runs."""
+
+    def __init__(self, mlflow_cfg, name: str, tags: dict[str, str], parent_id: str | None = None,
+                 per_stage: bool = True):
+        self.enabled = mlflow_cfg.enabled
+        self.uri = resolve_tracking_uri(mlflow_cfg.tracking_uri)
+        self.per_stage = per_stage
+        self.parent: RunLogger | None = None
+        if not self.enabled:
+            return
+        self.client = MlflowClient(self.uri)
+        self.experiment = experiment_id(self.client, mlflow_cfg.experiment, self.uri)
+        self.parent = RunLogger(self.uri, find_or_create_run(self.client, self.experiment, name,
+                                                             tags, parent_id=parent_id))
+
+    @classmethod
+    def for_job(cls, cfg) -> "Tracker":
+        """The main job's runs: a parent named after the run, a child per stage."""
+        name = cfg.train.run_name
+        return cls(cfg.mlflow, name, {TAG_RUN_NAME: name, "biovita.kind": "job"})
+
+    def child(self, stage: str) -> RunLogger | None:
+        if not self.enabled:
+            return None
+        if not self.per_stage:
+            return RunLogger(self.uri, self.parent.run_id, owned=False)
+        rid = find_or_create_run(self.client, self.experiment, stage, {TAG_STAGE: stage},
+                                 parent_id=self.parent.run_id)
+        return RunLogger(self.uri, rid)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.parent:
+            self.parent.end(status)
+
+
+__all__ = ["RunLogger", "RunStatus", "Tracker", "resolve_tracking_uri", "experiment_id",
+           "find_or_create_run", "git_commit", "TAG_RUN_NAME", "TAG_STAGE"]

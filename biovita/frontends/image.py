@@ -16,6 +16,8 @@ import numpy as np
 
 from biovita.errors import MediaError
 
+# Decompression-bomb guard: images whose header claims more pixels are refused before decoding.
+MAX_IMAGE_PIXELS = 50_000_000
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -31,7 +33,7 @@ class ImageFrontEnd:
     resize_mode: str = "shortest"
 
 
-def decode_image(data: bytes, max_pixels: int):
+def read_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
     """Encoded bytes -> RGB PIL image. Raises MediaError (never returns a placeholder)."""
     from PIL import Image
 
@@ -84,9 +86,9 @@ def geometry(fe: ImageFrontEnd):
     return Compose(steps[:-2])
 
 
-def load_image(data: bytes, fe: ImageFrontEnd, max_pixels: int) -> np.ndarray:
+def load_image(data: bytes, fe: ImageFrontEnd, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Encoded bytes -> 3 x S x S uint8 pixels, resized and cropped. Raises MediaError."""
-    img = geometry(fe)(decode_image(data, max_pixels))
+    img = geometry(fe)(read_image(data, max_pixels))
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 

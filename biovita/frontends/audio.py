@@ -1,7 +1,7 @@
 """Audio front end: decode -> mono -> 48 kHz -> 10 s crop/pad -> CLAP log-mel.
 
 Pure torch/torchaudio + soundfile (libsndfile: WAV, FLAC, OGG/Vorbis/Opus, MP3); Ray Data
-calls these from `biovita.data.pipeline`. The log-mel matches transformers'
+calls these from `biovita.data.decode`. The log-mel matches transformers'
 `ClapFeatureExtractor` for the same settings (golden test in tests/test_audio.py).
 """
 
@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from biovita.errors import MediaError
+
+# File name extensions taken for recordings (everything else a file CLI gets is a photo).
+AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac"})
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class AudioFrontEnd:
         return self.clip_samples // self.hop_length + 1
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+def read_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Encoded bytes -> (channels x samples float32, sample rate). Raises MediaError."""
     import soundfile as sf
 
@@ -238,7 +241,7 @@ def load_clip(
 
     The crop is chosen on the resampled time axis (its length is known without resampling;
     the onset is found at the native rate) and only the cropped span is resampled."""
-    wave, sr = decode_audio(data)
+    wave, sr = read_audio(data)
     mono = to_mono(wave)
     n = fe.clip_samples
     if sr == fe.sample_rate:

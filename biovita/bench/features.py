@@ -1,19 +1,19 @@
-"""Embeddings with Ray Data batch inference: one model per actor, GPU actors when GPUs exist."""
+"""Feature extraction with Ray Data batch inference: one model per actor, GPU actors when GPUs
+exist. The benchmark, stage 2 (frozen image embeddings) and `biovita embed` use it."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from ray.data import ActorPoolStrategy
 
-from biovita.data.pipeline import (
-    AudioDecodeSpec,
-    ImageDecodeSpec,
-    audio_dataset,
-    decode_audio,
-    decode_images,
-    image_dataset,
-)
+from biovita.data.datasets import audio_dataset, decode_media_files, files_dataset, image_dataset
+from biovita.data.decode import AudioDecodeSpec, ImageDecodeSpec
 from biovita.data.store import fetch_dir
+from biovita.frontends.audio import AUDIO_EXTS
+from biovita.frontends.image import MAX_IMAGE_PIXELS
 from biovita.models.checkpoint import read_meta
 
 KEEP = ("id", "species_id")
@@ -35,12 +35,9 @@ class Embedder:
         import torch
 
         with torch.no_grad():
-            if self.modality == "audio":
-                x = torch.as_tensor(batch["mel"]).to(self.device)
-                emb = self.model.encode_audio(x)
-            else:
-                x = torch.as_tensor(batch["pixels"]).to(self.device)
-                emb = self.model.encode_image(x)
+            x = torch.from_numpy(np.array(batch["mel" if self.modality == "audio" else "pixels"]))
+            x = x.to(self.device)  # (Ray's buffers are read-only: copied above)
+            emb = self.model.encode_audio(x) if self.modality == "audio" else self.model.encode_image(x)
         out = {k: batch[k] for k in KEEP if k in batch}
         out["embedding"] = emb.float().cpu().numpy()
         return out
@@ -48,8 +45,8 @@ class Embedder:
 
 def front_ends(checkpoint: str):
     """(audio, image) front ends of a checkpoint, from its JSON alone (no weights read)."""
-    from biovita.audio import AudioFrontEnd
-    from biovita.image import ImageFrontEnd
+    from biovita.frontends.audio import AudioFrontEnd
+    from biovita.frontends.image import ImageFrontEnd
 
     arch = read_meta(fetch_dir(checkpoint))["arch"]
     img = dict(arch["image_front_end"])
@@ -71,7 +68,7 @@ def embed(ds, checkpoint: str, modality: str, use_gpu: bool = False, actors: int
     )
 
 
-def eval_specs(checkpoint: str, max_image_pixels: int = 50_000_000,
+def eval_specs(checkpoint: str, max_image_pixels: int = MAX_IMAGE_PIXELS,
                stats_name: str | None = None) -> tuple[AudioDecodeSpec, ImageDecodeSpec]:
     """Eval decoding of a checkpoint's front ends: onset crop, no prompts."""
     afe, ife = front_ends(checkpoint)
@@ -79,18 +76,17 @@ def eval_specs(checkpoint: str, max_image_pixels: int = 50_000_000,
             ImageDecodeSpec(ife, max_pixels=max_image_pixels, prompts="none", stats_name=stats_name))
 
 
-def decode_for_embedding(ds, checkpoint: str, modality: str, max_image_pixels: int = 50_000_000,
+def decode_for_embedding(ds, checkpoint: str, modality: str, max_image_pixels: int = MAX_IMAGE_PIXELS,
                          stats_name: str | None = None, decode_cpus: float = 0.5):
     """Eval decoding of a dataset of media files (`id` + `bytes` columns)."""
     aspec, ispec = eval_specs(checkpoint, max_image_pixels, stats_name)
-    if modality == "audio":
-        return decode_audio(ds, aspec, num_cpus=decode_cpus)
-    return decode_images(ds, ispec, num_cpus=decode_cpus)
+    return decode_media_files(ds, modality, aspec if modality == "audio" else ispec,
+                              num_cpus=decode_cpus)
 
 
 def embed_dataset(
     checkpoint: str, root: str, modality: str, split: str | None = None,
-    max_image_pixels: int = 50_000_000, use_gpu: bool = False, actors: int = 1,
+    max_image_pixels: int = MAX_IMAGE_PIXELS, use_gpu: bool = False, actors: int = 1,
     batch_size: int = 32, stats_name: str | None = None, decode_cpus: float = 0.5,
 ):
     """{id, species_id, embedding} for one table of a store."""
@@ -112,14 +108,35 @@ def collect_embeddings(ds) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
     return {k: i for i, k in enumerate(ids)}, np.concatenate(embs), np.concatenate(species)
 
 
-def embed_texts(model, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    import torch
+def embed_to_parquet(checkpoint: str, out: str, data: str | None = None,
+                     files: Sequence[str] | None = None) -> int:
+    """Embeddings of a whole store (audio + image tables) or of files, on Ray Data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    tok = model.tokenizer()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            out.append(model.encode_text(tok(texts[i:i + batch_size])).float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
+    from biovita.runtime import init_ray
 
-
+    init_ray()
+    tables = []
+    for modality in ("audio", "image"):
+        if data:
+            ds = embed_dataset(checkpoint, data, modality)
+        else:
+            chosen = [f for f in files or []
+                      if (Path(f).suffix.lower() in AUDIO_EXTS) == (modality == "audio")]
+            if not chosen:
+                continue
+            rows = [{"id": str(Path(f).resolve()), "file_path": str(Path(f).resolve())} for f in chosen]
+            ds = embed(decode_for_embedding(files_dataset(rows), checkpoint, modality), checkpoint, modality)
+        for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            n = len(b["id"])
+            species = b["species_id"].astype(np.int32) if "species_id" in b else [-1] * n
+            tables.append(pa.table({
+                "id": pa.array([str(i) for i in b["id"]]),
+                "modality": pa.array([modality] * n),
+                "species_id": pa.array(species, pa.int32()),
+                "embedding": pa.array(list(b["embedding"].astype(np.float32)), pa.list_(pa.float32())),
+            }))
+    table = pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string())})
+    pq.write_table(table, out)
+    return table.num_rows

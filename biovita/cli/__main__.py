@@ -1,0 +1,5 @@
+import sys
+
+from biovita.cli import main
+
+sys.exit(main())

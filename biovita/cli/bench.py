@@ -1,0 +1,63 @@
+"""`biovita bench build | run | score`: BioVITA Bench."""
+
+from __future__ import annotations
+
+
+def _build(a) -> int:
+    from biovita.bench.build import build_benchmark
+
+    summary = build_benchmark(a.data, a.out, a.candidates, a.split, a.seed)
+    for level, tasks in summary.items():
+        print(level, " ".join(f"{k}={v}" for k, v in tasks.items()))
+    return 0
+
+
+def _score(a) -> int:
+    from biovita.bench.report import format_table, print_skipped, write_results
+    from biovita.bench.score import score_benchmark
+
+    result = score_benchmark(a.bench, a.features)
+    print(format_table(result, a.bench))
+    print_skipped(result)
+    if a.json:
+        write_results(result, a.json)
+        print(f"results: {a.json}")
+    return 0
+
+
+def _run(a) -> int:
+    from pathlib import Path
+
+    from biovita.bench.run import evaluate
+    from biovita.runtime import init_ray
+
+    init_ray()
+    feats = a.features or str(Path(a.bench) / "features" / Path(a.checkpoint).name)
+    evaluate(a.bench, a.checkpoint, feats, use_gpu=a.gpu, json_out=a.json)
+    if a.json:
+        print(f"results: {a.json}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    b = sub.add_parser("bench", help="BioVITA Bench: build, run, score")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True, metavar="STEP")
+    s = bsub.add_parser("build", help="build a benchmark folder from a Parquet store")
+    s.add_argument("--data", required=True, help="Parquet store")
+    s.add_argument("--out", required=True, help="benchmark folder to write")
+    s.add_argument("--candidates", type=int, default=100, help="candidate taxa per query")
+    s.add_argument("--split", choices=("seen", "unseen"), default="seen")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_build)
+    s = bsub.add_parser("score", help="score precomputed features (official layout)")
+    s.add_argument("--bench", required=True)
+    s.add_argument("--features", required=True, help="FEATS/{audio,image,text}/<id>.pt")
+    s.add_argument("--json", default=None, help="write results JSON (+ PNG plots beside it)")
+    s.set_defaults(fn=_score)
+    s = bsub.add_parser("run", help="extract features with a checkpoint (Ray Data) and score")
+    s.add_argument("--bench", required=True)
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--features", default=None, help="where features go (resumable)")
+    s.add_argument("--gpu", action="store_true", help="GPU inference actors")
+    s.add_argument("--json", default=None)
+    s.set_defaults(fn=_run)

@@ -1,0 +1,54 @@
+"""`biovita list-models | predict | embed`: use a model."""
+
+from __future__ import annotations
+
+
+def _list_models(a) -> int:
+    from biovita.models.registry import MODEL_CONFIGS, list_models
+
+    for name in list_models(a.pattern):
+        spec = MODEL_CONFIGS[name]
+        print(f"{name:<24} {spec.description}")
+        print(f"{'':<24}   image+text: {spec.clip_model}  audio: {spec.audio_model}")
+    return 0
+
+
+def _predict(a) -> int:
+    from biovita.predict import Predictor
+
+    p = Predictor(a.checkpoint, taxa_csv=a.taxa)
+    rows = p.predict(a.files, rank=a.rank, k=a.k)
+    Predictor.print_rows(rows, a.format)
+    return 0
+
+
+def _embed(a) -> int:
+    from biovita.bench.features import embed_to_parquet
+
+    n = embed_to_parquet(a.checkpoint, a.out, data=a.data, files=a.files)
+    print(f"wrote {n} embeddings to {a.out}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("list-models", help="list the named model configs")
+    s.add_argument("pattern", nargs="?", default="*", help="glob, e.g. '*clap*'")
+    s.set_defaults(fn=_list_models)
+
+    s = sub.add_parser("predict", help="rank taxa for audio or image files")
+    s.add_argument("checkpoint")
+    s.add_argument("files", nargs="+", help="audio or image files (auto-detected)")
+    s.add_argument("--rank", choices=("species", "genus", "family"), default="species")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--taxa", default=None, help="CSV of candidate taxa (class, order, family, "
+                   "genus, scientific_name[, common_name]); default: the checkpoint's taxa")
+    s.add_argument("--format", choices=("table", "csv"), default="table")
+    s.set_defaults(fn=_predict)
+
+    s = sub.add_parser("embed", help="embeddings of a store or files to Parquet (Ray Data)")
+    s.add_argument("checkpoint")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--data", help="Parquet store")
+    g.add_argument("--files", nargs="+", help="audio or image files")
+    s.add_argument("--out", required=True, help="output .parquet")
+    s.set_defaults(fn=_embed)

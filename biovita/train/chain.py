@@ -1,0 +1,60 @@
+"""The stage chain: init -> stage 0 (when the towers come untrained) -> stage 1 -> stage 2's
+phases, each starting from the model the one before exported. The main job and every sweep
+trial run this one function."""
+
+from __future__ import annotations
+
+from biovita.config import Config
+from biovita.data.store import exists, fetch_dir
+from biovita.train.driver import image_embeddings, run_stage
+from biovita.train.stages import PHASE1, PHASE2, STAGE0, STAGE1, Stage
+from biovita.train.tracking import Tracker
+
+
+def needs_stage0(cfg: Config) -> bool:
+    """Stage 0 (a tiny image-text base model) runs only when the image/text towers come
+    without pretrained weights: BioCLIP 2 is the base model otherwise."""
+    from biovita.models.registry import MODEL_CONFIGS
+
+    m = cfg.model
+    pretrained = bool(m.clip_model.startswith("hf-hub:") or m.clip_pretrained
+                      or (not m.clip_model and MODEL_CONFIGS[m.name].pretrained))
+    return cfg.stage0.enabled and not pretrained
+
+
+def stages_to_run(cfg: Config) -> list[Stage]:
+    """A full run's stages in order: stage 0 when needed, stage 1, then each stage-2 phase
+    that has epochs."""
+    first = [STAGE0] if needs_stage0(cfg) else []
+    return first + [s for s in (STAGE1, PHASE1, PHASE2) if s is STAGE1 or s.settings(cfg).epochs > 0]
+
+
+def run_chain(cfg: Config, tracker: Tracker, stages: list[Stage], init: str,
+              **stage_kwargs) -> dict[str, str]:
+    """Train `stages` in order from the model at `init`; returns stage name -> model URI.
+    Extra keyword arguments go to every `run_stage` (Tune callbacks, test hooks)."""
+    from biovita.models.checkpoint import read_meta
+
+    models, last, emb = {}, init, None
+    for stage in stages:
+        baseline = None
+        if stage.image_embeddings and emb is None:
+            print("[stage2] embedding training images with the frozen image tower ...", flush=True)
+            emb = image_embeddings(cfg, last)
+        if stage.name == "stage2.phase2":  # phase 1 measured the ATC baseline of the gate
+            baseline = read_meta(fetch_dir(last))["metadata"].get("baseline_atc")
+        last = models[stage.name] = run_stage(cfg, stage, last, tracker, emb if stage.image_embeddings
+                                              else None, baseline, **stage_kwargs)
+    return models
+
+
+def ensure_data(cfg: Config) -> None:
+    if exists(cfg.data.root):
+        return
+    if not cfg.data.synth_if_missing:
+        raise FileNotFoundError(f"no media store at {cfg.data.root}")
+    from biovita.data.synth import make_synthetic
+
+    print(f"creating the synthetic dataset in {cfg.data.root} ...", flush=True)
+    make_synthetic(cfg.data.root, n_species=cfg.data.synth_species, seed=cfg.data.synth_seed,
+                   progress=True)
