@@ -79,6 +79,7 @@ class Stage2Config:
     w_aic: float = 0.2
     text_lr: float = 5e-6
     text_weight_decay: float = 0.01
+    upper_audio: str = "released"  # phase-2 "upper" audio parameters: released | last_stage
     upper_audio_lr: float = 1e-5
     upper_audio_weight_decay: float = 0.02
     upper_audio_unfreeze_step: int = 300
@@ -103,7 +104,6 @@ class Stage2Config:
 class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
-    strategy: str = "deepspeed"  # deepspeed | ddp
     zero_stage: int = 2
     grad_clip: float = 1.0
     accum_freq: int = 1  # contrastive gradient accumulation (k micro-batches per step)
@@ -320,12 +320,13 @@ def _validate_stage2(cfg: Config) -> None:
         "must satisfy 1 <= gate_on_ratio <= gate_off_ratio",
     )
     _require(0 < s2.logit_reset_temperature < 1, "stage2.logit_reset_temperature", "must be in (0,1)")
+    _require(s2.upper_audio in ("released", "last_stage"), "stage2.upper_audio",
+             f"must be released or last_stage, got {s2.upper_audio!r}")
 
 
 def _validate_train(cfg: Config) -> None:
     t = cfg.train
     _require(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
-    _require(t.strategy in ("deepspeed", "ddp"), "train.strategy", "must be deepspeed or ddp")
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0-3, got {t.zero_stage}")
     _require(t.grad_clip > 0, "train.grad_clip", "must be > 0")
     _require(t.accum_freq >= 1, "train.accum_freq", "must be >= 1")

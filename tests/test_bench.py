@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from biovita.bench.build import TASKS
-from biovita.bench import score
 from biovita.bench.score import Features, Task, rank_of_correct, score_benchmark
 from biovita.errors import BenchmarkError
 from biovita.taxonomy import LEVELS
@@ -66,7 +65,7 @@ def handmade(tmp_path):
 
 def test_known_topk_and_skips(handmade):
     bench, feats = handmade
-    res = score_benchmark(bench, feats)
+    res = score_benchmark(bench, feats, skip_missing=True)  # biovita's earlier rule
     for lvl in LEVELS:
         for code in ("A2T", "A2I"):
             e = res[lvl][code]
@@ -79,6 +78,28 @@ def test_known_topk_and_skips(handmade):
     assert res["skipped_detail"]["species"]["A2T"] == {"correct_not_in_candidates": 1,
                                                        "query_without_feature": 1}
     assert res["per_taxon"]["genus"]["A2T"]["T1"] == {"top1": 0.0, "n": 1}
+
+
+def test_missing_features_count_as_the_authors_scorer_counts_them(handmade):
+    """A query without a feature still counts, as a miss; a gallery item without one is a
+    zero vector (cosine 0). Only a correct taxon outside the candidates skips a query."""
+    bench, feats = handmade
+    res = score_benchmark(bench, feats)
+    for lvl in LEVELS:
+        e = res[lvl]["A2T"]
+        assert e["n"] == 3 and e["skipped"] == 1 and e["missing_query"] == 1  # a3 has no feature
+        assert e["top1"] == pytest.approx(1 / 3) and e["top5"] == pytest.approx(2 / 3)
+    assert res["skipped_detail"]["species"]["A2T"] == {"correct_not_in_candidates": 1}
+    assert res["per_class"]["species"]["A2T"]["Insecta"] == {"top1": 0.0, "top5": 0.5, "n": 2}
+    # a gallery item without a feature: i0a removed, taxon T0 keeps i0b = -e0 (cos -1 with a0)
+    # and a zero vector (cos 0), so it scores 0 and still ranks first for a0 (T1, T2 score 0:
+    # only a strictly higher score ranks above); leaving i0a out, T0 would score -1 and lose
+    (feats / "image" / "i0a.pt").unlink()
+    res = score_benchmark(bench, feats)
+    assert res["species"]["A2I"]["missing_gallery"] == 1 and res["species"]["A2I"]["n"] == 3
+    assert res["per_taxon"]["species"]["A2I"]["T0"] == {"top1": 0.5, "n": 2}  # a0 wins, a3 misses
+    skip = score_benchmark(bench, feats, skip_missing=True)
+    assert skip["per_taxon"]["species"]["A2I"]["T0"] == {"top1": 0.0, "n": 1}
 
 
 def test_malformed_files_name_file_and_row(handmade):
@@ -138,21 +159,14 @@ def _score(rows, q, g, cap=10):
     return rank_of_correct(Task.from_rows(rows), Features.from_dict(q), Features.from_dict(g), cap=cap)
 
 
-@pytest.fixture(params=["bfloat16", "float32"])
-def product_dtype(request, monkeypatch):
-    """Both low-precision paths: bfloat16 (AMX CPUs) and float32 (elsewhere)."""
-    monkeypatch.setattr(score, "_product_dtype", lambda: getattr(torch, request.param))
-    return request.param
-
-
-def test_vectorised_equals_reference_on_random_data(product_dtype):
+def test_vectorised_equals_reference_on_random_data():
     rows, q, g = _random_task(np.random.default_rng(0))
     ranks, skipped, kept = _score(rows, q, g, cap=100)
     np.testing.assert_array_equal(ranks, _reference_ranks(rows, q, g))
     assert not skipped and len(kept) == 300
 
 
-def test_near_ties_below_bfloat16_resolution_rank_exactly(product_dtype):
+def test_near_ties_below_bfloat16_resolution_rank_exactly():
     """Candidate cosines 2e-4 apart (bfloat16 resolves ~4e-3, float32 ~6e-8): the certified
     bounds must send them all to the float32 recomputation, so ranks equal the reference."""
     rng = np.random.default_rng(1)
@@ -175,7 +189,7 @@ def test_near_ties_below_bfloat16_resolution_rank_exactly(product_dtype):
     np.testing.assert_array_equal(ranks, reference)
 
 
-def test_ragged_rows_missing_features_and_cap(product_dtype):
+def test_ragged_rows_missing_features_and_cap():
     """Rows with fewer candidates, galleries of different sizes, gallery items and a whole
     gallery without features, queries without features; ranks past `cap` are clipped."""
     rng = np.random.default_rng(2)

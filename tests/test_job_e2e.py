@@ -76,7 +76,7 @@ def test_ray_job_submit_main_job(synth_store, tmp_path):
     assert len(tasks) == 18
     for lvl, c in tasks:
         e = res[lvl][c]
-        assert set(e) == {"top1", "top5", "top10", "n", "skipped"}
+        assert set(e) == {"top1", "top5", "top10", "n", "skipped", "missing_query", "missing_gallery"}
         assert 0 <= e["top1"] <= e["top5"] <= e["top10"] <= 1 and e["n"] > 0
     assert "A2T" in out and "species top1/top5" in out  # the table was printed
     for stage in ("stage0", "stage1", "stage2.phase1", "stage2.phase2"):

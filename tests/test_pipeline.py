@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from biovita.data import sampling
-from biovita.data.datasets import TorchCollate, audio_dataset, image_dataset
+from biovita.data.datasets import TorchCollate, audio_dataset, image_dataset, stream_dataset
 from biovita.data.decode import AudioDecodeSpec, ImageDecodeSpec
 from biovita.data.stats import bad_media_counts, media_stats
 from biovita.data.store import read_table
@@ -29,7 +29,7 @@ def test_balanced_counts_cap_all_and_oversample():
 def test_triplet_plan_pairs_same_species():
     a_ids, a_sp = ["x1", "x2", "y1"], [0, 0, 1]
     i_ids, i_sp = ["ix", "iy1", "iy2", "iz"], [0, 1, 1, 2]
-    plan = sampling.triplet_plan(a_ids, a_sp, i_ids, i_sp, per_species=20, seed=0, epoch=0)
+    plan = sampling.triplet_plan(a_ids, a_sp, i_ids, i_sp, per_species=20, seed=0)
     sp_of_img = dict(zip(i_ids, i_sp))
     sp_of_audio = dict(zip(a_ids, a_sp))
     assert sum(len(v) for v in plan.values()) == 40  # species 2 has no audio: left out
@@ -46,7 +46,7 @@ def test_audio_pipeline_applies_plan_and_counts_bad_media(ray_local, synth_store
     plan = sampling.balanced_counts([t[0] for t in train], [t[1] for t in train], 20, 5, 0, 0)
     bad_in_plan = sum(n for i, n in plan.items() if i.startswith("bad_"))
     spec = AudioDecodeSpec(AudioFrontEnd(), "random", seed=0, epoch=0, stats_name=name)
-    ds = audio_dataset(str(root), spec, plans=[plan])
+    ds = stream_dataset(str(root), "audio", spec, {0: plan}, batch_size=16, seed=0)
     n, texts, species = 0, [], []
     for b in ds.iter_torch_batches(batch_size=16, collate_fn=TorchCollate()):
         assert b["mel"].shape[1:] == (1, 1001, 64)
@@ -91,7 +91,7 @@ def test_epoch_stream_is_each_epoch_in_turn_and_deterministic(ray_local, synth_s
     def run(plans, offset=0):
         spec = AudioDecodeSpec(seed=3, epoch=offset, stats_name=None)
         out = {}
-        ds = audio_dataset(str(root), spec, split="test", plans=plans, order_seed=(offset,))
+        ds = stream_dataset(str(root), "audio", spec, dict(enumerate(plans)), batch_size=8, seed=0)
         for b in ds.iter_batches(batch_size=64):
             for k, e, m, t in zip(b["id"], b["epoch"], b["mel"], b["text"]):
                 out[(int(e), k)] = (float(m.sum()), t)
@@ -114,8 +114,9 @@ def test_a_slow_consumer_holds_decoding_back_without_spinning(ray_local, synth_s
     meta = read_table(root, "audio", ["id", "split"]).to_pydict()
     plan = {i: 1 for i, sp in zip(meta["id"], meta["split"]) if sp == "train"}
     epochs = 40
-    ds = audio_dataset(str(root), AudioDecodeSpec(prompts="none", stats_name=name),
-                       plans=[plan] * epochs, decoders=2, ahead_mb=32)
+    ds = stream_dataset(str(root), "audio", AudioDecodeSpec(prompts="none", stats_name=name),
+                        dict(enumerate([plan] * epochs)), batch_size=8, seed=0, decoders=2,
+                        ahead_mb=32)
     it = iter(ds.iter_batches(batch_size=8, prefetch_batches=1))
     next(it)
 
@@ -194,3 +195,54 @@ def test_ray_patches_refuse_another_ray_version():
                         "import biovita.data.ray_patches"], capture_output=True, text=True)
     assert r.returncode != 0
     assert "written for Ray 2.60.0; this environment has Ray 9.9.9" in r.stderr
+
+
+def test_segments_are_whole_batches_and_keep_every_decoder_busy():
+    from biovita.data.planning import TASK_BYTES, segments
+
+    cut = segments(1000, 16, TASK_BYTES / 64, decoders=2)  # 64 uses make a task's bytes
+    assert all((b - a) % 16 == 0 for a, b in cut[:-1]) and cut[0] == (0, 64)
+    assert [b - a for a, b in cut][:-1] == [64] * 15 and cut[-1] == (960, 1000)
+    assert segments(100, 16, 1.0, decoders=4) == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 80),
+                                                  (80, 96), (96, 100)]  # >= 2 tasks a decoder
+    assert segments(0, 16, 1.0, 2) == []
+
+
+def _in_batch_pairs(ids: list[str], batch: int) -> int:
+    """Pairs of rows with the same id inside the same batch of consecutive rows."""
+    from collections import Counter
+
+    return sum(n * (n - 1) // 2 for s in range(0, len(ids) - batch + 1, batch)
+               for n in Counter(ids[s:s + batch]).values())
+
+
+def test_stream_spreads_repeated_uses_like_a_uniform_shuffle(ray_local, synth_store):
+    """A clip used several times in an epoch (an oversampled species, a clip in several
+    triplets) lands anywhere in it: in-batch pairs of the same clip match a uniform shuffle of
+    the epoch's plan, whose expectation is D (B - 1) / (N - 1) per epoch (N uses, D = the sum
+    over clips of C(uses, 2)). Before, a clip's uses were decoded together and only a shuffle
+    buffer of 4 batches stood between them: 2.1x that (measured on this plan with the old
+    pipeline: 105 pairs in 5 epochs against an expected 50; this one: 58)."""
+    import numpy as np
+
+    root, _ = synth_store
+    meta = read_table(root, "audio", ["id", "split"]).to_pydict()
+    good = sorted(i for i, sp in zip(meta["id"], meta["split"]) if sp == "train" and not i.startswith("bad"))
+    rng = np.random.default_rng(7)
+    plan = {i: int(rng.integers(1, 6)) for i in good}
+    B, epochs = 8, 5
+    ds = stream_dataset(str(root), "audio", AudioDecodeSpec(prompts="none", stats_name=None),
+                        {e: plan for e in range(epochs)}, batch_size=B, seed=0)
+    rows = [(int(e), str(i)) for b in ds.iter_batches(batch_size=B, batch_format="numpy")
+            for e, i in zip(b["epoch"], b["id"])]
+    n = sum(plan.values())
+    assert sorted(rows) == sorted((e, i) for e in range(epochs) for i in plan
+                                  for _ in range(plan[i]))  # every use of every epoch, once
+    observed = _in_batch_pairs(rows, B)  # the batches the consumer got
+    d = sum(m * (m - 1) // 2 for m in plan.values())
+    expected = epochs * d * (B - 1) / (n - 1)
+    uses = [i for i, m in plan.items() for _ in range(m)]
+    sim = [sum(_in_batch_pairs([uses[k] for k in rng.permutation(n)], B) for _ in range(epochs))
+           for _ in range(400)]
+    assert abs(np.mean(sim) - expected) < 0.05 * expected  # the formula, checked by simulation
+    assert abs(observed - expected) < 4 * np.std(sim), (observed, expected, np.std(sim))

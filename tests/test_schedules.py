@@ -21,15 +21,9 @@ def test_ramps_follow_method():
     assert schedules.phase2_weights(150, S2, gate_open=False).lam_av == 0
 
 
-def test_baseline_is_mean_of_last_batches():
-    m = schedules.BaselineMeter(n=20)
-    for v in range(30):
-        m.add(float(v))
-    assert m.value == pytest.approx(sum(range(10, 30)) / 20)
-
-
 def test_gate_closes_above_103_and_reopens_after_20_calm_steps():
     g = schedules.ATCGate(baseline=1.0)
+    assert g.ema == 1.0  # the EMA starts at the baseline
     assert g.update(1.0) and g.ema == 1.0
     # EMA (alpha 0.2) crosses 1.03 only after a few high steps
     opens = [g.update(1.2) for _ in range(3)]
@@ -100,15 +94,33 @@ def test_param_groups_lr_decay_and_requires_grad(tiny_model):
     assert sum(len(v) for v in roles.values()) == len(list(model.parameters()))
 
     opt = torch.optim.AdamW(groups)
-    freeze.apply_group_schedule(opt, PHASE2, 10, S2)
-    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert lrs["audio_upper.decay"] == 0 and lrs["logit_scale.no_decay"] == 0 and lrs["text.decay"] == 5e-6
-    freeze.apply_group_schedule(opt, PHASE2, 600, S2)
-    assert {g["name"]: g["lr"] for g in opt.param_groups}["audio_upper.decay"] == 1e-5
+    freeze.apply_delays(model, opt, PHASE2, 10, S2)  # before both delayed starts
+    active = {g["name"]: g["active"] for g in opt.param_groups}
+    assert not active["audio_upper.decay"] and not active["logit_scale.no_decay"] and active["text.decay"]
+    assert not model.logit_scale.requires_grad  # no gradient until its step
+    upper = {id(p) for p in model.upper_audio_parameters("released")}
+    assert upper and not any(p.requires_grad for p in model.audio.parameters() if id(p) in upper)
+    freeze.apply_delays(model, opt, PHASE2, 600, S2)
+    assert all(g["active"] for g in opt.param_groups) and model.logit_scale.requires_grad
+    assert all(p.requires_grad for p in model.audio.parameters() if id(p) in upper)
+    assert not any(p.requires_grad for p in model.audio.parameters() if id(p) not in upper)
 
     freeze.param_groups(model, STAGE1, ST, S2)
     assert all(p.requires_grad for p in model.audio.parameters())
     assert not any(p.requires_grad for p in model.text_parameters())
+
+
+def test_released_upper_audio_set_is_the_authors(tiny_model):
+    """The parameters whose ClapModel name contains proj / final_layer / layers.11: on HTS-AT
+    the audio projection and the patch embedding's convolution, no Swin block (METHOD.md)."""
+    names = {n for n, p in tiny_model.audio.named_parameters()
+             if id(p) in {id(q) for q in tiny_model.upper_audio_parameters("released")}}
+    assert names == {"audio_model.audio_encoder.patch_embed.proj.weight",
+                     "audio_model.audio_encoder.patch_embed.proj.bias",
+                     "audio_projection.linear1.weight", "audio_projection.linear1.bias",
+                     "audio_projection.linear2.weight", "audio_projection.linear2.bias"}
+    last = {id(p) for p in tiny_model.upper_audio_parameters("last_stage")}
+    assert any(id(p) in last for p in tiny_model.audio.audio_model.audio_encoder.layers[-1].parameters())
 
 
 def test_logit_scale_reset():

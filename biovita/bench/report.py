@@ -25,7 +25,9 @@ def format_table(result: dict, bench: str | Path | None = None, title: str = "")
                 cells.append(f"{'-':>34}")
                 continue
             ch = f" ({100 * chance(bench, lvl, CODES[code]):.1f})" if bench else ""
-            cells.append(f"{100 * e['top1']:>12.1f} / {100 * e['top5']:5.1f}{ch:>9} n={e['n']:<4}")
+            missing = e.get("missing_query", 0) + e.get("missing_gallery", 0)
+            n = f"n={e['n']}" + (f" ({missing} missing)" if missing else "")
+            cells.append(f"{100 * e['top1']:>12.1f} / {100 * e['top5']:5.1f}{ch:>9} {n:<6}")
         lines.append(f"{code:<6}" + "".join(cells))
     avg = [sum(result[lvl][c]["top1"] for c in ORDER) / 6 for lvl in LEVELS if lvl in result]
     lines.append(f"{'avg':<6}" + "".join(f"{100 * a:>12.1f}{'':>22}" for a in avg))

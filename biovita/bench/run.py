@@ -66,7 +66,7 @@ def extract_features(bench: str | Path, checkpoint: str, feats: str | Path, use_
 
 def evaluate(bench: str | Path, checkpoint: str, feats: str | Path, use_gpu: bool = False,
              json_out: str | Path | None = None, logger=None, prefix: str = "bench",
-             title: str = "") -> dict:
+             title: str = "", skip_missing: bool = False) -> dict:
     """Features (resumable), scores, the printed table; with `json_out` the JSON and its
     plots beside it, logged to MLflow under `prefix` when a logger is given."""
     from biovita.bench.report import format_table, print_skipped, write_results
@@ -74,7 +74,7 @@ def evaluate(bench: str | Path, checkpoint: str, feats: str | Path, use_gpu: boo
 
     n = extract_features(bench, checkpoint, feats, use_gpu=use_gpu)
     print(f"features written: {n} -> {feats}", flush=True)
-    result = score_benchmark(bench, feats)
+    result = score_benchmark(bench, feats, skip_missing=skip_missing)
     print()
     print(format_table(result, bench, title=title))
     print_skipped(result)

@@ -9,13 +9,11 @@ How it is fast and still exact:
 - a task file is encoded once when it is read: taxon names become integer codes, the
   candidates an (n, C) code matrix, and each taxon's gallery is kept once (in the release
   format a taxon's gallery is the same in every row; that is checked);
-- each block of queries is one low-precision matrix product against every gallery item
-  (bfloat16 where the CPU has AMX tiles, float32 otherwise); a candidate's score is one gather
-  and a max over its items;
-- every low-precision score carries a rigorous error bound (input rounding, float32
-  accumulation, output rounding); a candidate whose interval does not overlap the correct
-  taxon's is decided, the few that overlap are recomputed in float32. Ranks are exact up to
-  `cap` (the largest k reported) and clipped there, so Top-1/5/10 equal the float32 reference.
+- only the dot products the metric needs are computed: each query with the gallery items of
+  its own candidates (~5 % of a dense product at the release's sizes), in float32, by a
+  compiled, cache-blocked kernel (`biovita.bench.kernels`) on any CPU;
+- ranks count the candidates scoring strictly above the correct taxon; they are exact up to
+  `cap` (the largest k reported) and clipped there.
 No Python loop runs per query or per candidate.
 """
 
@@ -23,8 +21,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +58,12 @@ class Features:
         dim = len(next(iter(vectors.values()))) if vectors else 0
         return cls(ids, np.stack([np.asarray(vectors[i], np.float32).reshape(-1) for i in ids])
                    if ids else np.zeros((0, dim), np.float32))
+
+    def with_zeros(self, ids: list[str], dim: int) -> "Features":
+        """These features and a zero vector for each of `ids` (cosine 0 with anything)."""
+        return Features(self.ids + list(ids),
+                        np.concatenate([self.matrix.reshape(len(self.ids), dim),
+                                        np.zeros((len(ids), dim), np.float32)]))
 
     def rows(self, ids: list[str]) -> np.ndarray:
         """Row of each id, -1 where the id has no feature."""
@@ -101,70 +105,132 @@ class FeatureStore:
 class Task:
     """One benchmark task file, parsed and encoded for scoring.
 
-    `rows` are the CSV rows (lists JSON-decoded); `cand[n, j]` is the taxon code of row n's
-    j-th candidate (-1 pads short rows); `correct[n]` is the column of the correct taxon (-1
-    when it is not among the candidates); `galleries[t]` are the gallery ids of taxon t, or
-    None when some taxon's gallery differs between rows (then the exact per-row path scores).
+    `query_ids[n]`, `correct_taxa[n]`, `classes[n]` describe row n; `cand[n, j]` is the taxon
+    code of its j-th candidate (-1 pads short rows); `correct[n]` is the column of the correct
+    taxon (-1 when it is not among the candidates); `galleries[t]` are the gallery ids of taxon
+    t, or None when some taxon's gallery differs between rows (the per-row path then scores,
+    from `row_galleries()`).
     """
 
-    rows: list[dict]
+    query_ids: list[str]
+    correct_taxa: list[str]
+    classes: list[str]
     cand: np.ndarray
     correct: np.ndarray
     galleries: list[list[str]] | None
+    _texts: list[list[str]] = field(default_factory=list, repr=False)  # JSON of each gallery
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+    def row_galleries(self, n: int) -> list[list[str]]:
+        """Row n's candidates' gallery ids (in candidate order)."""
+        return [json.loads(t) for t in self._texts[n]]
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> Task:
+        """From rows with JSON-decoded lists (in memory)."""
+        return cls.from_columns([r["query_payload_id"] for r in rows], [r["correct_taxon"] for r in rows],
+                                [r.get("taxon_class") or "" for r in rows],
+                                [r["candidates_taxa"] for r in rows],
+                                [[json.dumps(g) for g in r["candidates_target_ids"]] for r in rows])
+
+    @classmethod
+    def from_columns(cls, query_ids: list[str], correct_taxa: list[str], classes: list[str],
+                     candidates: list[list[str]], gallery_texts: list[list[str]]) -> Task:
+        """Encode: taxon names become codes, each taxon's gallery is kept once when every row
+        lists the same one for it (the release format), compared as JSON text."""
         from itertools import chain
 
         code_of: dict[str, int] = {}
-        n_cand = np.fromiter((len(r["candidates_taxa"]) for r in rows), np.int64, len(rows))
-        flat = list(chain.from_iterable(r["candidates_taxa"] for r in rows))
+        n_cand = np.fromiter(map(len, candidates), np.int64, len(candidates))
+        flat = list(chain.from_iterable(candidates))
         codes = np.fromiter(map(lambda t: code_of.setdefault(t, len(code_of)), flat), np.int64, len(flat))
-        C = int(n_cand.max()) if len(rows) else 0
-        cand = np.full((len(rows), C), -1, np.int64)
+        C = int(n_cand.max()) if len(candidates) else 0
+        cand = np.full((len(candidates), C), -1, np.int64)
         off = np.concatenate([[0], np.cumsum(n_cand)])
-        cand[np.repeat(np.arange(len(rows)), n_cand), np.arange(len(codes)) - np.repeat(off[:-1], n_cand)] = codes
-        correct = np.fromiter((r["candidates_taxa"].index(r["correct_taxon"])
-                               if r["correct_taxon"] in r["candidates_taxa"] else -1 for r in rows),
-                              np.int64, len(rows))
-        flat_gal = list(chain.from_iterable(r["candidates_target_ids"] for r in rows))
+        cand[np.repeat(np.arange(len(candidates)), n_cand), np.arange(len(codes)) - np.repeat(off[:-1], n_cand)] = codes
+        correct = np.fromiter((c.index(t) if t in c else -1 for c, t in zip(candidates, correct_taxa)),
+                              np.int64, len(candidates))
+        texts = np.empty(len(codes), dtype=object)
+        texts[:] = list(chain.from_iterable(gallery_texts))
         first = np.empty(len(code_of), np.int64)
         first[codes[::-1]] = np.arange(len(codes))[::-1]  # first occurrence of each taxon
-        canon = [flat_gal[i] for i in first]
-        same = flat_gal == [canon[c] for c in codes.tolist()]
-        return cls(rows, cand, correct, canon if same else None)
+        same = bool((texts == texts[first][codes]).all()) if len(codes) else True
+        galleries = [json.loads(texts[i]) for i in first] if same else None
+        return cls(list(query_ids), list(correct_taxa), list(classes), cand, correct, galleries,
+                   gallery_texts)
+
+
+_INNER_LIST = re.compile(r"\[[^\[\]]*\]")  # a gallery's JSON list inside a row's list of lists
 
 
 def read_task(path: Path) -> Task:
+    """Read a task CSV of the official layout. Fast: the CSV is parsed by Arrow, the candidate
+    lists by one JSON parse per column, and each row's galleries are kept as JSON text (one
+    regular-expression pass) and compared as text; only each taxon's gallery is decoded."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
     need = ("query_payload_id", "correct_taxon", "candidates_taxa", "candidates_target_ids")
     if not path.is_file():
         raise BenchmarkError(f"missing benchmark file {path}")
-    rows = []
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise BenchmarkError(f"{path}: missing column(s) {', '.join(missing)}")
-        for n, r in enumerate(reader, start=2):
-            try:
-                r["candidates_taxa"] = json.loads(r["candidates_taxa"])
-                r["candidates_target_ids"] = json.loads(r["candidates_target_ids"])
-            except json.JSONDecodeError as e:
-                raise BenchmarkError(f"{path}, row {n}: malformed JSON list ({e})") from None
-            if len(r["candidates_taxa"]) != len(r["candidates_target_ids"]):
-                raise BenchmarkError(f"{path}, row {n}: candidates_taxa and candidates_target_ids "
+        header = next(csv.reader(f), [])
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise BenchmarkError(f"{path}: missing column(s) {', '.join(missing)}")
+    table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
+        column_types={c: pa.string() for c in header}, strings_can_be_null=False))
+    col = {c: table.column(c).to_pylist() for c in header}
+    candidates = _json_lists(col["candidates_taxa"], path)
+    texts = []
+    for n, (cands, raw) in enumerate(zip(candidates, col["candidates_target_ids"])):
+        inner = raw.strip()[1:-1]
+        found = _INNER_LIST.findall(inner)
+        if len(found) != len(cands):  # ids with brackets in them, or a real mismatch
+            lists = _json_lists([raw], path, first_row=n + 2)[0]
+            if len(lists) != len(cands):
+                raise BenchmarkError(f"{path}, row {n + 2}: candidates_taxa and candidates_target_ids "
                                      "differ in length")
-            rows.append(r)
-    return Task.from_rows(rows)
+            found = [json.dumps(g) for g in lists]
+        texts.append(found)
+    classes = col.get("taxon_class") or [""] * len(candidates)
+    return Task.from_columns(col["query_payload_id"], col["correct_taxon"], classes, candidates, texts)
 
 
-def rank_of_correct(task: Task, queries: Features, gallery: Features, cap: int = max(KS)
-                    ) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
+def _json_lists(values: list[str], path: Path, first_row: int = 2) -> list:
+    """JSON lists, one per row, parsed in one go; a bad row is named."""
+    try:
+        out = json.loads("[" + ",".join(values) + "]")
+        if len(out) == len(values):
+            return out
+    except json.JSONDecodeError:
+        pass
+    for n, v in enumerate(values, start=first_row):
+        try:
+            json.loads(v)
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{path}, row {n}: malformed JSON list ({e})") from None
+    raise BenchmarkError(f"{path}: a JSON list cell holds more than one value")
+
+
+def rank_of_correct(task: Task, queries: Features, gallery: Features, cap: int = max(KS),
+                    skip_missing: bool = True) -> tuple[np.ndarray, dict[str, int], np.ndarray]:
     """Rank (0 = best) of the correct taxon for every scorable row, exact below `cap` and
-    clipped to `cap`; skip counts by reason; the indices of the scored rows in `task.rows`."""
-    q_row = queries.rows([r["query_payload_id"] for r in task.rows])
+    clipped to `cap`; skip counts by reason; the indices of the scored rows.
+    A query without a feature is skipped, or with `skip_missing=False` counted as a miss
+    (rank `cap`: it cannot be ranked), as the authors' scorer counts it."""
+    q_row = queries.rows(task.query_ids)
     no_correct = task.correct < 0
     no_query = ~no_correct & (q_row < 0)
+    if not skip_missing:
+        ranks, skipped, kept = rank_of_correct(task, queries, gallery, cap, skip_missing=True)
+        skipped.pop("query_without_feature", None)
+        misses = np.flatnonzero(no_query)
+        order = np.argsort(np.concatenate([kept, misses]), kind="stable")
+        return (np.concatenate([ranks, np.full(len(misses), cap)])[order], skipped,
+                np.concatenate([kept, misses])[order])
     skipped = {"correct_not_in_candidates": int(no_correct.sum()),
                "query_without_feature": int(no_query.sum())}
     keep = np.flatnonzero(~no_correct & ~no_query)
@@ -179,21 +245,14 @@ def rank_of_correct(task: Task, queries: Features, gallery: Features, cap: int =
     return np.minimum(ranks[ok], cap), {k: v for k, v in skipped.items() if v}, keep[ok]
 
 
-def _product_dtype():
-    """bfloat16 where the CPU multiplies it in hardware (AMX tiles), float32 elsewhere."""
-    import torch
-
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if amx else torch.float32
-
-
 def _rank_shared(task: Task, keep: np.ndarray, Q: np.ndarray, gallery: Features, cap: int
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks when every taxon has one gallery (the release format): a low-precision product
-    with certified error bounds decides most candidates; the rest are recomputed in float32."""
+    """Ranks when every taxon has one gallery (the release format): the compiled kernel
+    computes just the dot products of each query with its own candidates' gallery items
+    (`biovita.bench.kernels`), in float32."""
     from itertools import chain
 
-    import torch
+    from biovita.bench.kernels import candidate_scores
 
     listed = np.fromiter(map(len, task.galleries), np.int64, len(task.galleries))
     item = gallery.rows(list(chain.from_iterable(task.galleries)))  # -1: no feature
@@ -202,92 +261,9 @@ def _rank_shared(task: Task, keep: np.ndarray, Q: np.ndarray, gallery: Features,
     cand, col = task.cand[keep], task.correct[keep]
     rows = np.arange(len(keep))
     ok = sizes[cand[rows, col]] > 0
-    if not sizes.any():
-        return np.zeros(len(keep), np.int64), ok
-    G = torch.from_numpy(gallery.matrix[item[item >= 0]])
-    # item_of[t, k]: taxon t's k-th item; short galleries repeat their items (a max is unchanged)
-    m = int(sizes.max())
-    item_of = torch.from_numpy(np.minimum(ptr[:-1, None] + np.arange(m) % np.maximum(sizes, 1)[:, None],
-                                          len(G) - 1))
-    valid = torch.from_numpy((cand >= 0) & (sizes[np.maximum(cand, 0)] > 0))  # pads, empty galleries
-    cand_t = torch.from_numpy(np.maximum(cand, 0))
-    Qt = torch.from_numpy(Q)
-    A, e_row, u = _approx_scores(Qt, G, item_of, cand_t)
-    eps = e_row[:, None] + u * A.abs()
-    A.masked_fill_(~valid, -np.inf)
-    eps.masked_fill_(~valid, 0.0)
-    # intervals around the true cosines: a candidate is surely better, surely not, or open
-    r_t, c_t = torch.from_numpy(rows), torch.from_numpy(col)
-    a_c, e_c = A[r_t, c_t, None], eps[r_t, c_t, None]
-    sure = (A - eps) > (a_c + e_c)
-    open_ = ~sure & (A + eps >= a_c - e_c) & valid
-    open_[r_t, c_t] = False
-    ranks = sure.sum(1).numpy()
-    need = torch.from_numpy(ranks < cap) & open_.any(1)  # ranks at or past cap need no detail
-    pr, pc = torch.nonzero(open_ & need[:, None], as_tuple=True)
-    nr = torch.nonzero(need).flatten()
-    if len(nr):
-        exact = _exact_scores(Qt, G, ptr, torch.cat([pr, nr]),
-                              cand_t[torch.cat([pr, nr]), torch.cat([pc, c_t[nr]])])
-        correct = torch.full((len(keep),), np.inf)
-        correct[nr] = exact[len(pr):]
-        better = (exact[:len(pr)] > correct[pr]).long()
-        ranks = ranks + torch.zeros(len(keep), dtype=torch.long).index_add_(0, pr, better).numpy()
-    return ranks, ok
-
-
-def _approx_scores(Q, G, item_of, cand):
-    """Candidate scores from a low-precision product, and a rigorous bound on their error:
-    `e_row[n] + u * |score|` for row n.
-
-    For q, g rounded to q', g': |q.g - q'.g'| <= |q'| |g - g'| + |q - q'| |g|; float32
-    accumulation adds at most gamma_d |q'| |g'|; rounding the output adds u |s| / (1 - u).
-    A max over a taxon's items moves by at most the largest item bound."""
-    import torch
-
-    dtype = _product_dtype()
-    n, C = cand.shape
-    m, d = item_of.shape[1], Q.shape[1]
-    norm = torch.linalg.vector_norm
-    Gl = G.to(dtype)
-    Glf = Gl.float()
-    gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
-    u = torch.finfo(dtype).eps / 2
-    u = u / (1 - u) if dtype != torch.float32 else 0.0
-    g_err = float((norm(G - Glf, dim=1) + gamma * norm(Glf, dim=1)).max())
-    g_max = float(norm(G, dim=1).max())
-    A, e_row = torch.empty(n, C), torch.empty(n)
-    for s in range(0, n, QUERY_BLOCK):  # blocks bound memory; no loop per query
-        e = min(s + QUERY_BLOCK, n)
-        Ql = Q[s:e].to(dtype)
-        sims = Ql @ Gl.T
-        A[s:e] = sims.gather(1, item_of[cand[s:e]].view(e - s, C * m)).view(e - s, C, m).amax(-1)
-        Qlf = Ql.float()
-        e_row[s:e] = norm(Qlf, dim=1) * g_err + g_max * norm(Q[s:e] - Qlf, dim=1)
-    return A, e_row, u
-
-
-def _exact_scores(Q, G, ptr, q_rows, taxa):
-    """Float32 max-over-items score of each (query row, taxon) pair: one sampled dense-dense
-    product (only the needed query-item dot products) and a segment max per pair."""
-    import torch
-
-    ptr = torch.as_tensor(ptr)
-    n_items = ptr[taxa + 1] - ptr[taxa]
-    pair = torch.repeat_interleave(torch.arange(len(taxa)), n_items)
-    item = ptr[taxa][pair] + torch.arange(len(pair)) - torch.repeat_interleave(
-        torch.cumsum(n_items, 0) - n_items, n_items)
-    # CSR needs sorted, distinct (row, column) entries
-    key, inv = torch.unique(q_rows[pair] * len(G) + item, return_inverse=True)
-    rows, cols = key // len(G), key % len(G)
-    crow = torch.zeros(len(Q) + 1, dtype=torch.long)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=len(Q)), 0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(key)), size=(len(Q), len(G)),
-                                          check_invariants=False)
-        dots = torch.sparse.sampled_addmm(pattern, Q, G.T, beta=0.0).values()[inv]
-    return torch.full((len(taxa),), -torch.inf).scatter_reduce_(0, pair, dots, "amax")
+    scores = candidate_scores(Q, gallery.matrix[item[item >= 0]], ptr, cand)
+    correct = scores[rows, col]
+    return (scores > correct[:, None]).sum(1), ok
 
 
 def _rank_per_row(task: Task, keep: np.ndarray, Q: np.ndarray, gallery: Features
@@ -297,10 +273,10 @@ def _rank_per_row(task: Task, keep: np.ndarray, Q: np.ndarray, gallery: Features
     gather and two segment reductions (max over a candidate's items, count of better ones)."""
     from itertools import chain
 
-    rows = [task.rows[i] for i in keep]
+    rows = keep
     n_cand = (task.cand[keep] >= 0).sum(1)
     correct_pos = task.correct[keep]
-    galleries = list(chain.from_iterable(r["candidates_target_ids"] for r in rows))
+    galleries = list(chain.from_iterable(task.row_galleries(int(n)) for n in keep))
     n_items = np.fromiter(map(len, galleries), np.int64, len(galleries))
     item_g = gallery.rows(list(chain.from_iterable(galleries)))  # -1: no feature
     G = gallery.matrix
@@ -328,8 +304,15 @@ def _rank_per_row(task: Task, keep: np.ndarray, Q: np.ndarray, gallery: Features
     return ranks, ok
 
 
-def score_benchmark(bench: str | Path, feats: str | Path) -> dict:
-    """level -> task code -> {top1, top5, top10, n, skipped}, plus per_class / per_taxon."""
+def score_benchmark(bench: str | Path, feats: str | Path, skip_missing: bool = False) -> dict:
+    """level -> task code -> {top1, top5, top10, n, skipped, missing_query, missing_gallery},
+    plus per_class / per_taxon.
+
+    Missing features are treated as the authors' scorer treats them (a zero vector): a query
+    without one still counts, as a miss; a gallery item without one scores 0 for its taxon.
+    Queries whose correct taxon is not among the candidates are skipped and counted.
+    `skip_missing=True` skips (and counts) queries without a feature, and leaves gallery items
+    without one out of their taxon's max, as biovita did before."""
     bench, store = Path(bench), FeatureStore(feats)
     result: dict = {}
     per_class: dict = {}
@@ -339,23 +322,28 @@ def score_benchmark(bench: str | Path, feats: str | Path) -> dict:
         for name, code in TASKS.items():
             task = read_task(bench / level / f"test_{name}.csv")
             q_mod, g_mod = name.split("_to_")
-            queries = store.features(q_mod, {r["query_payload_id"] for r in task.rows}, level)
+            queries = store.features(q_mod, set(task.query_ids), level)
             gallery_ids = ({i for g in task.galleries for i in g} if task.galleries is not None else
-                           {i for r in task.rows for g in r["candidates_target_ids"] for i in g})
+                           {i for n in range(len(task)) for g in task.row_galleries(n) for i in g})
             gallery = store.features(g_mod, gallery_ids, level)
-            ranks, skipped, kept = rank_of_correct(task, queries, gallery)
+            missing_gallery = gallery_ids - set(gallery.ids)
+            missing_query = set(task.query_ids) - set(queries.ids)
+            if not skip_missing and missing_gallery:
+                dim = queries.matrix.shape[1] if len(queries.ids) else gallery.matrix.shape[1]
+                gallery = gallery.with_zeros(sorted(missing_gallery), dim)
+            ranks, skipped, kept = rank_of_correct(task, queries, gallery, skip_missing=skip_missing)
             n = int(len(ranks))
             entry = {f"top{k}": float((ranks < k).mean()) if n else 0.0 for k in KS}
-            entry.update(n=n, skipped=int(sum(skipped.values())))
+            entry.update(n=n, skipped=int(sum(skipped.values())), missing_query=len(missing_query),
+                         missing_gallery=len(missing_gallery))
             result.setdefault(level, {})[code] = entry
             if skipped:
                 skipped_detail.setdefault(level, {})[code] = skipped
             by_cls: dict[str, list[int]] = defaultdict(list)
             by_tax: dict[str, list[int]] = defaultdict(list)
             for i, rk in zip(kept.tolist(), ranks.tolist()):
-                r = task.rows[i]
-                by_cls[r.get("taxon_class") or "unknown"].append(rk)
-                by_tax[r["correct_taxon"]].append(rk)
+                by_cls[task.classes[i] or "unknown"].append(rk)
+                by_tax[task.correct_taxa[i]].append(rk)
             per_class.setdefault(level, {})[code] = {
                 c: {"top1": float(np.mean(np.array(v) < 1)), "top5": float(np.mean(np.array(v) < 5)),
                     "n": len(v)} for c, v in sorted(by_cls.items())}

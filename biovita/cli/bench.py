@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+SKIP_MISSING = ("skip queries without a feature instead of counting them as misses (and leave "
+                "gallery items without one out instead of scoring them 0, as the authors do)")
+
+
 def _build(a) -> int:
     from biovita.bench.build import build_benchmark
 
@@ -16,7 +20,7 @@ def _score(a) -> int:
     from biovita.bench.report import format_table, print_skipped, write_results
     from biovita.bench.score import score_benchmark
 
-    result = score_benchmark(a.bench, a.features)
+    result = score_benchmark(a.bench, a.features, skip_missing=a.skip_missing)
     print(format_table(result, a.bench))
     print_skipped(result)
     if a.json:
@@ -33,7 +37,7 @@ def _run(a) -> int:
 
     init_ray()
     feats = a.features or str(Path(a.bench) / "features" / Path(a.checkpoint).name)
-    evaluate(a.bench, a.checkpoint, feats, use_gpu=a.gpu, json_out=a.json)
+    evaluate(a.bench, a.checkpoint, feats, use_gpu=a.gpu, json_out=a.json, skip_missing=a.skip_missing)
     if a.json:
         print(f"results: {a.json}")
     return 0
@@ -53,6 +57,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--bench", required=True)
     s.add_argument("--features", required=True, help="FEATS/{audio,image,text}/<id>.pt")
     s.add_argument("--json", default=None, help="write results JSON (+ PNG plots beside it)")
+    s.add_argument("--skip-missing", action="store_true", help=SKIP_MISSING)
     s.set_defaults(fn=_score)
     s = bsub.add_parser("run", help="extract features with a checkpoint (Ray Data) and score")
     s.add_argument("--bench", required=True)
@@ -60,4 +65,5 @@ def add_parsers(sub) -> None:
     s.add_argument("--features", default=None, help="where features go (resumable)")
     s.add_argument("--gpu", action="store_true", help="GPU inference actors")
     s.add_argument("--json", default=None)
+    s.add_argument("--skip-missing", action="store_true", help=SKIP_MISSING)
     s.set_defaults(fn=_run)

@@ -1,8 +1,8 @@
 """Ray Data datasets of a store: Parquet -> decoded log-mels / uint8 images, streaming.
 
-Decoding runs in Ray Data `map_batches`, a few Parquet row groups per call (tasks for a
-single pass, a fixed actor pool for a training stream), so it spreads over every CPU of the
-cluster while the GPUs train. Dropped media are counted by reason (`biovita.data.stats`).
+Decoding runs in Ray Data `map_batches` (tasks for a single pass, a fixed actor pool for a
+training stream), so it spreads over every CPU of the cluster while the GPUs train. Dropped
+media are counted by reason (`biovita.data.stats`).
 """
 
 from __future__ import annotations
@@ -12,19 +12,25 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from biovita.data import stats
-from biovita.data.decode import (
-    AudioDecodeSpec,
-    ImageDecodeSpec,
-    decode_audio_batch,
-    decode_image_batch,
+from biovita.data.decode import DECODERS, AudioDecodeSpec, ImageDecodeSpec
+from biovita.data.planning import (
+    RowGroup,
+    StreamPlan,
+    decode_tasks,
+    row_groups,
+    segments,
+    select_row_groups,
+    stream_plan,
 )
-from biovita.data.planning import RowGroup, decode_tasks, row_groups, select_row_groups
+from biovita.data.sampling import epoch_order
 from biovita.data.ray_patches import bound_decoding, shorten_completion_wait
 from biovita.data.store import filesystem, table_uri
 
@@ -59,118 +65,159 @@ def _decode_and_count(batch, table: str, decode, spec, *args, **kwargs) -> dict[
 
 def _read_row_group(f: pq.ParquetFile, index: int, split: str | None) -> dict[str, np.ndarray]:
     """The rows of one row group (of `split` only), as columns."""
-    import pyarrow.compute as pc
-
     t = f.read_row_group(index)
     if split is not None:
         t = t.filter(pc.equal(t.column("split"), split))
     return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
 
 
-def _read_then_decode(items: dict[str, np.ndarray], fs, table: str, split: str | None, decode,
-                      spec, plans_box: list | None = None, image_emb_box: list | None = None):
-    """One task (one item: a list of row groups) -> a batch of decoded rows per row group, so
-    a task holds one row group's media at a time. An item of an epoch stream decodes with that
-    epoch's plan and seeds and tags its rows with the epoch."""
-    plans = _get_shared(plans_box)
-    epoch = int(items["epoch"][0]) if "epoch" in items else 0
-    spec, plan = replace(spec, epoch=spec.epoch + epoch), None if plans is None else plans[epoch]
-    kwargs = {"image_emb": _get_shared(image_emb_box)} if image_emb_box is not None else {}
-    files: dict[str, pq.ParquetFile] = {}  # a task's row groups often share a file: one footer read
+_FILES: dict[str, pq.ParquetFile] = {}
+
+
+def _parquet_file(path: str, fs) -> pq.ParquetFile:
+    """Opened once per worker process (one footer read per file, on object storage too)."""
+    if path not in _FILES:
+        if len(_FILES) >= 256:
+            _FILES.pop(next(iter(_FILES)))
+        _FILES[path] = pq.ParquetFile(path, filesystem=fs)
+    return _FILES[path]
+
+
+def _read_then_decode(items: dict[str, np.ndarray], fs, table: str, split: str | None, spec):
+    """A single pass: one task (a list of row groups) -> a batch of decoded rows per row
+    group, so a task holds one row group's media at a time."""
+    decode = DECODERS[table]
     for path, index in zip(items["path"][0], items["row_group"][0]):
-        path = str(path)
-        if path not in files:
-            files[path] = pq.ParquetFile(path, filesystem=fs)
-        rows = _read_row_group(files[path], int(index), split)
-        out = _decode_and_count(rows, table, decode, spec, plan, **kwargs)
-        if "epoch" in items:
-            out["epoch"] = np.full(len(out["id"]), epoch, np.int64)
-        yield out
+        rows = _read_row_group(_parquet_file(str(path), fs), int(index), split)
+        yield _decode_and_count(rows, table, decode, spec)
+
+
+def _segment_rows(plan: StreamPlan, fs, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    """The store rows of one segment of an epoch, one per use, in the epoch's order, with
+    their use number (`_use`) and paired image (`_pair`)."""
+    ids, uses, pairs, reads = plan.segment(epoch, start, stop)
+    found: dict[str, tuple[dict, int]] = {}
+    for (path, index), wanted in reads:
+        t = _parquet_file(path, fs).read_row_group(index)
+        t = t.filter(pc.is_in(t.column("id"), value_set=pa.array(sorted(wanted))))
+        cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
+        for r, media_id in enumerate(cols["id"]):
+            found[str(media_id)] = (cols, r)
+    order = [n for n, i in enumerate(ids) if i in found]
+    names = next(iter(found.values()))[0].keys() if found else ["id", "bytes"]
+    out: dict[str, np.ndarray] = {}
+    for c in names:
+        values = np.empty(len(order), dtype=object)
+        values[:] = [found[ids[n]][0][c][found[ids[n]][1]] for n in order]
+        out[c] = values if c == "bytes" else np.asarray(values.tolist())
+    out["_use"] = np.asarray(uses[order], np.int64)
+    if pairs is not None:
+        out["_pair"] = np.asarray(pairs[order], dtype=object)
+    return out
 
 
 class _StreamDecoder:
-    """A decode actor of an epoch stream (see `store_dataset`)."""
+    """A decode actor of a training stream: one task = one segment of one epoch's uses, in
+    the epoch's random order, decoded with that epoch's seeds into one block."""
 
-    def __init__(self, **kwargs) -> None:
-        self.kwargs = kwargs
+    def __init__(self, fs, table: str, spec, plan_box: list, image_emb_box: list | None):
+        self.fs, self.table, self.spec = fs, table, spec
+        self.plan_box, self.image_emb_box = plan_box, image_emb_box
 
-    def __call__(self, items: dict[str, np.ndarray]):
-        yield from _read_then_decode(items, **self.kwargs)
+    def __call__(self, items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        plan: StreamPlan = _get_shared(self.plan_box)
+        epoch, start, stop = (int(items[k][0]) for k in ("epoch", "start", "stop"))
+        spec = replace(self.spec, epoch=self.spec.epoch + epoch)
+        rows = _segment_rows(plan, self.fs, epoch, start, stop)
+        kwargs = {"image_emb": _get_shared(self.image_emb_box)} if self.image_emb_box else {}
+        out = _decode_and_count(rows, self.table, DECODERS[self.table], spec, **kwargs)
+        out["epoch"] = np.full(len(out["id"]), epoch, np.int64)
+        return out
+
+
+def _decoders(decoders: int, num_cpus: float, reserved_cpus: float) -> int:
+    if decoders:
+        return decoders
+    return max(1, int((ray.cluster_resources().get("CPU", 1) - reserved_cpus) / num_cpus))
 
 
 def store_dataset(root: str, table: str, spec, split: str | None = None,
-                  plans: list[dict] | dict[int, dict] | None = None, image_emb=None,
                   groups: list[RowGroup] | None = None, order_seed: tuple[int, ...] | None = None,
-                  num_cpus: float = 0.5, decoders: int = 0, reserved_cpus: float = 0.0,
-                  ahead_mb: float = 512):
-    """Stream one table of the store (local folder or object-store URI), decoded.
+                  num_cpus: float = 0.5, decoders: int = 0, reserved_cpus: float = 0.0):
+    """A single pass over one table of the store (local folder or object-store URI), decoded:
+    {id, taxonomy..., species_id, mel | pixels[, text]}.
 
-    One Ray Data task (or actor call) reads and decodes a few consecutive Parquet row groups
-    (`decode_tasks`): reading and decoding are a single operator, so every CPU Ray gives the
-    dataset decodes, no encoded bytes travel through the object store, and row groups that
-    hold no row of `split` or of the plan are never read.
-
-    With `plans` (one per epoch, or epoch -> plan) the dataset is a training stream: every
-    epoch in turn, each with its plan and a row-group order drawn from `order_seed` and the
-    epoch, rows tagged with their `epoch`. A stream decodes on a fixed pool of `decoders`
-    actors, which import torch once and keep their caches; as plain tasks, the worker
-    processes sat idle whenever training was slower than decoding and the raylet killed and
-    restarted them (~3 new processes importing torch every 20 s, measured). A single pass
-    (no plans) runs up to `decoders` tasks at once on Ray's shared workers.
-    `decoders` 0: (the cluster's CPUs, counted now, - `reserved_cpus`) / `num_cpus`; set it on
-    an autoscaling cluster (a larger pool asks the autoscaler for the CPUs). No new decode
-    task starts while more than `ahead_mb` of decoded data waits for the consumer."""
+    One Ray Data task reads and decodes a few consecutive Parquet row groups (`decode_tasks`):
+    reading and decoding are a single operator, so every CPU Ray gives the dataset decodes, no
+    encoded bytes travel through the object store, and row groups that hold no row of `split`
+    are never read. Up to `decoders` tasks run at once on Ray's shared workers (0: the
+    cluster's CPUs, counted now, minus `reserved_cpus`, over `num_cpus`)."""
     fs, _ = filesystem(table_uri(root, table))
     groups = row_groups(root, table) if groups is None else groups
-    if not decoders:
-        cpus = ray.cluster_resources().get("CPU", 1) - reserved_cpus
-        decoders = max(1, int(cpus / num_cpus))
+    decoders = _decoders(decoders, num_cpus, reserved_cpus)
+    items = [{"path": [g.path for g in task], "row_group": [g.index for g in task]}
+             for task in decode_tasks(select_row_groups(groups, split, None, order_seed), decoders)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    shorten_completion_wait()  # the driver's executor runs a single pass
+    return ds.map_batches(_read_then_decode, fn_kwargs={"fs": fs, "table": table, "split": split,
+                                                       "spec": spec},
+                          batch_size=1, batch_format="numpy",
+                          compute=TaskPoolStrategy(size=max(1, min(decoders, len(items)))),
+                          num_cpus=num_cpus)
 
-    def task_items(selected: list[RowGroup], **extra) -> list[dict]:
-        return [{"path": [g.path for g in task], "row_group": [g.index for g in task], **extra}
-                for task in decode_tasks(selected, decoders)]
 
-    if plans is None:
-        items = task_items(select_row_groups(groups, split, None, order_seed))
-    else:
-        plans = dict(enumerate(plans)) if isinstance(plans, list) else plans  # epoch -> plan
-        items = [item for e, plan in plans.items()
-                 for item in task_items(select_row_groups(
-                     groups, split, plan, None if order_seed is None else (*order_seed, e)), epoch=e)]
+def stream_dataset(root: str, table: str, spec, plans: dict[int, dict], batch_size: int,
+                   seed: int, image_emb=None, groups: list[RowGroup] | None = None,
+                   num_cpus: float = 0.5, decoders: int = 0, reserved_cpus: float = 0.0,
+                   ahead_mb: float = 512):
+    """A training stream: every epoch of `plans` (epoch -> plan, see `biovita.data.sampling`)
+    in turn, rows tagged with their `epoch`.
+
+    Each epoch's uses are put in a uniformly random order (`epoch_order`: a global shuffle)
+    and cut into segments of whole `batch_size` batches; a decode task reads just the row
+    groups holding its segment's media and returns the segment in order, so every batch the
+    trainer gets is a run of that random order. Decoding runs on a fixed pool of `decoders`
+    actors, which import torch once and keep their caches (as plain tasks, the worker
+    processes sat idle whenever training was slower than decoding and the raylet killed and
+    restarted them: ~3 new processes importing torch every 20 s, measured). No new task
+    starts while more than `ahead_mb` of decoded data waits for the consumer. `image_emb`
+    (stage 2): (id -> row, embeddings, species) of the images the plans pair clips with."""
+    fs, _ = filesystem(table_uri(root, table))
+    groups = row_groups(root, table) if groups is None else groups
+    decoders = _decoders(decoders, num_cpus, reserved_cpus)
+    orders = {e: epoch_order(plan, seed, spec.epoch + e) for e, plan in plans.items()}
+    plan = stream_plan(groups, orders)
+    rows = sum(len(g.ids) for g in groups)
+    per_use = sum(g.nbytes for g in groups) / max(1, rows)
+    items = [{"epoch": e, "start": a, "stop": b} for e, uses in orders.items()
+             for a, b in segments(len(uses), batch_size, per_use, decoders)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     bound_decoding(ds.context, int(ahead_mb * 2**20))
-    if plans is not None:  # a training stream runs in Ray Train's coordinator: the trainer's
-        ds.context.enable_progress_bars = False  # progress line reports it instead
-    decode = decode_audio_batch if table == "audio" else decode_image_batch
-    kwargs = {"fs": fs, "table": table, "split": split, "decode": decode, "spec": spec,
-              "plans_box": _box(plans), "image_emb_box": _box(image_emb)}
-    if plans is None:
-        shorten_completion_wait()  # the driver's executor runs a single pass
-        return ds.map_batches(_read_then_decode, fn_kwargs=kwargs, batch_size=1, batch_format="numpy",
-                              compute=TaskPoolStrategy(size=max(1, min(decoders, len(items)))),
-                              num_cpus=num_cpus)
+    # the stream runs in Ray Train's coordinator: the trainer's progress line reports it
+    ds.context.enable_progress_bars = False
+    kwargs = {"fs": fs, "table": table, "spec": spec, "plan_box": _box(plan),
+              "image_emb_box": _box(image_emb)}
     pool = ActorPoolStrategy(size=max(1, min(decoders, len(items))))  # an actor per item at most
     return ds.map_batches(_StreamDecoder, fn_constructor_kwargs=kwargs, batch_size=1,
                           batch_format="numpy", compute=pool, num_cpus=num_cpus)
 
 
 def audio_dataset(root: str, spec: AudioDecodeSpec, split: str | None = "train", **kwargs):
-    """Decoded clips: {id, taxonomy..., species_id, mel (1 x T x 64)[, text][, image_emb][, epoch]}.
+    """Decoded clips of one split, one pass: {id, taxonomy..., species_id, mel (1 x T x 64)}.
     Keyword arguments as `store_dataset`."""
     return store_dataset(root, "audio", spec, split, **kwargs)
 
 
 def image_dataset(root: str, spec: ImageDecodeSpec, split: str | None = "train", **kwargs):
-    """Decoded images: {id, taxonomy..., species_id, pixels (3 x S x S uint8)[, text][, epoch]}.
-    Keyword arguments as `store_dataset` (no `image_emb`)."""
+    """Decoded images of one split, one pass: {id, taxonomy..., species_id, pixels (3 x S x S
+    uint8)}. Keyword arguments as `store_dataset`."""
     return store_dataset(root, "image", spec, split, **kwargs)
 
 
 def decode_media_files(ds, table: str, spec, batch_size: int = 16, num_cpus: float = 0.5):
     """Decode a dataset whose rows hold media files (`id` + `bytes` columns, see
     `files_dataset`) into log-mels (`table="audio"`) or image pixels (`"image"`)."""
-    decode = decode_audio_batch if table == "audio" else decode_image_batch
-    return ds.map_batches(_decode_and_count, fn_args=(table, decode),
+    return ds.map_batches(_decode_and_count, fn_args=(table, DECODERS[table]),
                           fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy",
                           compute=TaskPoolStrategy(), num_cpus=num_cpus)
 

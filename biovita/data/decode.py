@@ -42,46 +42,53 @@ class AudioDecodeSpec:
     stats_name: str | None = STATS_ACTOR  # where dropped media are counted (None: nowhere)
 
 
+def _uses(batch: dict[str, np.ndarray]) -> list[int]:
+    """The use number of each row: a training stream repeats a row once per use (`_use`),
+    and each use gets its own crop and prompt."""
+    n = len(batch["id"])
+    return [int(k) for k in batch["_use"]] if "_use" in batch else [0] * n
+
+
+def _columns(batch: dict[str, np.ndarray], keep: list[int]) -> dict[str, Any]:
+    return {c: np.asarray([batch[c][i] for i in keep]) for c in batch
+            if c not in ("bytes", "_use", "_pair")}
+
+
+def _prompts(batch: dict[str, np.ndarray], keep: list[int], uses: list[int], spec) -> np.ndarray:
+    cols = [c for c in batch if c not in ("bytes", "_use", "_pair")]
+    return np.asarray([_prompt({c: batch[c][i] for c in cols}, spec, uses[i]) for i in keep],
+                      dtype=object)
+
+
 def decode_audio_batch(
-    batch: dict[str, np.ndarray], spec: AudioDecodeSpec, plan: dict | None = None,
+    batch: dict[str, np.ndarray], spec: AudioDecodeSpec,
     image_emb: tuple[dict[str, int], np.ndarray] | None = None,
 ) -> Decoded:
-    """Decode a batch of clips. With a plan, each row is used as many times as the plan says
-    (0 = dropped before decoding); a stage-2 plan also attaches the paired image embedding."""
+    """Decode a batch of clips, one output row per input row. A training stream's rows carry
+    their use number (`_use`, seeds the crop) and, in stage 2, the image they are paired
+    with (`_pair`), whose frozen embedding is attached from `image_emb`."""
     fe = spec.front_end
-    waves, out_rows, bad = [], [], []
-    cols = [c for c in batch if c != "bytes"]
+    uses = _uses(batch)
+    waves, keep, bad = [], [], []
     for i in range(len(batch["id"])):
         media_id = str(batch["id"][i])
-        if plan is None:
-            uses: list = [None]
-        else:
-            uses = plan.get(media_id, 0)
-            uses = [None] * uses if isinstance(uses, int) else list(uses)
-            if not uses:
-                continue
+        rng = np.random.default_rng([spec.seed, spec.epoch, stable_hash(media_id), uses[i]])
         try:
-            for k, extra in enumerate(uses):
-                rng = np.random.default_rng([spec.seed, spec.epoch, stable_hash(media_id), k])
-                waves.append(load_clip(batch["bytes"][i], fe, spec.mode, rng))
-                out_rows.append((i, k, extra))
+            waves.append(load_clip(batch["bytes"][i], fe, spec.mode, rng))
         except MediaError as e:
             bad.append((media_id, e.reason))
-    out: dict[str, Any] = {c: np.asarray([batch[c][i] for i, _, _ in out_rows]) for c in cols}
-    if not out_rows:
-        out["mel"] = np.zeros((0, 1, fe.n_frames, fe.n_mels), np.float32)
-    else:
-        out["mel"] = log_mel(fe)(waves).numpy()
+            continue
+        keep.append(i)
+    out = _columns(batch, keep)
+    out["mel"] = (log_mel(fe)(waves).numpy() if waves else
+                  np.zeros((0, 1, fe.n_frames, fe.n_mels), np.float32))
     if spec.prompts != "none":
-        out["text"] = np.asarray(
-            [_prompt({c: batch[c][i] for c in cols}, spec, k) for i, k, _ in out_rows], dtype=object)
+        out["text"] = _prompts(batch, keep, uses, spec)
     if image_emb is not None:
         index, matrix = image_emb[0], image_emb[1]  # (id -> row, embeddings[, species])
-        out["image_emb"] = (
-            np.stack([matrix[index[extra]] for _, _, extra in out_rows]).astype(np.float32)
-            if out_rows else np.zeros((0, matrix.shape[1]), np.float32)
-        )
-    return out, len({r[0] for r in out_rows}), bad
+        out["image_emb"] = (np.stack([matrix[index[str(batch["_pair"][i])]] for i in keep])
+                            .astype(np.float32) if keep else np.zeros((0, matrix.shape[1]), np.float32))
+    return out, len({str(batch["id"][i]) for i in keep}), bad
 
 
 @dataclass(frozen=True)
@@ -94,32 +101,27 @@ class ImageDecodeSpec:
     stats_name: str | None = STATS_ACTOR
 
 
-def decode_image_batch(
-    batch: dict[str, np.ndarray], spec: ImageDecodeSpec, plan: dict | None = None
-) -> Decoded:
+def decode_image_batch(batch: dict[str, np.ndarray], spec: ImageDecodeSpec) -> Decoded:
+    """Decode a batch of images to uint8 pixels, one output row per input row."""
     fe = spec.front_end
-    cols = [c for c in batch if c != "bytes"]
-    pixels, rows, bad = [], [], []
+    uses = _uses(batch)
+    pixels, keep, bad, done = [], [], [], {}
     for i in range(len(batch["id"])):
         media_id = str(batch["id"][i])
-        uses = 1 if plan is None else int(plan.get(media_id, 0))
-        if uses == 0:
-            continue
         try:
-            x = load_image(batch["bytes"][i], fe, spec.max_pixels)
+            if media_id not in done:  # eval preprocessing: every use of an image is the same
+                done[media_id] = load_image(batch["bytes"][i], fe, spec.max_pixels)
         except MediaError as e:
             bad.append((media_id, e.reason))
             continue
-        for k in range(uses):
-            pixels.append(x)
-            rows.append((i, k))
-    out: dict[str, Any] = {c: np.asarray([batch[c][i] for i, _ in rows]) for c in cols}
+        pixels.append(done[media_id])
+        keep.append(i)
+    out = _columns(batch, keep)
     out["pixels"] = (np.stack(pixels) if pixels else
                      np.zeros((0, 3, fe.image_size, fe.image_size), np.uint8))
     if spec.prompts != "none":
-        out["text"] = np.asarray(
-            [_prompt({c: batch[c][i] for c in cols}, spec, k) for i, k in rows], dtype=object)
-    return out, len({r[0] for r in rows}), bad
+        out["text"] = _prompts(batch, keep, uses, spec)
+    return out, len(done), bad
 
 
 DECODERS = {"audio": decode_audio_batch, "image": decode_image_batch}

@@ -61,3 +61,74 @@ def decode_tasks(groups: list[RowGroup], decoders: int) -> list[list[RowGroup]]:
     mean = max(1.0, sum(g.nbytes for g in groups) / len(groups))
     per = max(1, min(-(-TASK_BYTES // int(mean)), -(-len(groups) // (2 * max(1, decoders)))))
     return [groups[i : i + per] for i in range(0, len(groups), per)]
+
+
+@dataclass
+class EpochOrder:
+    """One epoch of a training stream: its uses in order, as indices into `StreamPlan`."""
+
+    media: np.ndarray  # int32: index into StreamPlan.ids
+    use: np.ndarray  # int32: the use number of that medium this epoch (seeds its crop)
+    pair: np.ndarray | None = None  # int32: index into StreamPlan.pairs (stage 2's image)
+
+
+@dataclass
+class StreamPlan:
+    """What the decode tasks of a training stream share (broadcast once): every epoch's
+    uses in their random order, as compact arrays, and the row group that holds each
+    medium. A task decodes one segment of one epoch."""
+
+    ids: np.ndarray  # object: the media ids the stream uses
+    group_of: np.ndarray  # int32: the row group of each id (index into `groups`)
+    groups: list[tuple[str, int]]  # (Parquet file, row-group index)
+    epochs: dict[int, EpochOrder]
+    pairs: np.ndarray | None = None  # object: ids of paired images (stage 2)
+
+    def segment(self, epoch: int, start: int, stop: int):
+        """The uses of positions [start, stop) of an epoch: (ids, use numbers, paired ids or
+        None) in order, and the row groups to read, each with the ids wanted from it."""
+        order = self.epochs[epoch]
+        media = order.media[start:stop]
+        ids = self.ids[media]
+        pairs = None if order.pair is None else self.pairs[order.pair[start:stop]]
+        wanted: dict[int, set[str]] = {}
+        for m, media_id in zip(media.tolist(), ids.tolist()):
+            wanted.setdefault(int(self.group_of[m]), set()).add(media_id)
+        reads = [(self.groups[g], ids_in) for g, ids_in in sorted(wanted.items())]
+        return ids, order.use[start:stop], pairs, reads
+
+
+def stream_plan(groups: list[RowGroup], orders: dict[int, list[tuple[str, int, str | None]]]
+                ) -> StreamPlan:
+    """Pack each epoch's ordered uses (`sampling.epoch_order`) with the row groups of `groups`."""
+    where = {i: k for k, g in enumerate(groups) for i in g.ids}
+    index: dict[str, int] = {}
+    pair_index: dict[str, int] = {}
+    epochs = {}
+    for e, uses in orders.items():
+        media = np.fromiter((index.setdefault(u[0], len(index)) for u in uses), np.int32, len(uses))
+        use = np.fromiter((u[1] for u in uses), np.int32, len(uses))
+        pair = None
+        if uses and uses[0][2] is not None:
+            pair = np.fromiter((pair_index.setdefault(u[2], len(pair_index)) for u in uses),
+                               np.int32, len(uses))
+        epochs[e] = EpochOrder(media, use, pair)
+    missing = [i for i in index if i not in where]
+    if missing:
+        raise ValueError(f"{len(missing)} planned media are in no row group, e.g. {missing[:3]}")
+    ids = np.array(list(index), dtype=object)
+    group_of = np.fromiter((where[i] for i in index), np.int32, len(index))
+    pairs = np.array(list(pair_index), dtype=object) if pair_index else None
+    return StreamPlan(ids, group_of, [(g.path, g.index) for g in groups], epochs, pairs)
+
+
+def segments(n_uses: int, batch_size: int, bytes_per_use: float, decoders: int) -> list[tuple[int, int]]:
+    """An epoch's uses cut into decode tasks: whole batches (a batch then holds consecutive
+    uses of the random order: the shuffle reaches the trainer unchanged), about `TASK_BYTES`
+    of encoded media a task, and at least two tasks for every decoder."""
+    if n_uses <= 0:
+        return []
+    batches = max(1, round(TASK_BYTES / max(1.0, batch_size * bytes_per_use)))
+    per_decoder = -(-n_uses // (2 * max(1, decoders) * batch_size))
+    size = batch_size * max(1, min(batches, per_decoder))
+    return [(s, min(s + size, n_uses)) for s in range(0, n_uses, size)]

@@ -1,7 +1,9 @@
 """Per-epoch sample plans, computed on the driver from metadata only (ids and species).
 
-A plan says how many times each media id is used in an epoch; the Ray Data decode tasks
-apply it while streaming, so no media bytes ever reach the driver.
+A plan says how many times each media id is used in an epoch (stage 2: the images each clip
+is paired with); `epoch_order` turns it into the epoch's uses in a uniformly random order,
+which the Ray Data decode tasks then decode segment by segment, so no media bytes ever reach
+the driver.
 """
 
 from __future__ import annotations
@@ -52,14 +54,14 @@ def triplet_plan(
     image_species: Sequence[int],
     per_species: int,
     seed: int,
-    epoch: int,
 ) -> dict[str, list[str]]:
-    """Stage-2 triplets: `per_species` (audio, image) pairs a species, with replacement.
+    """Stage-2 triplets: `per_species` (audio, image) pairs a species, with replacement,
+    drawn once for the stage (METHOD.md: only their order changes from epoch to epoch).
 
     Returns audio id -> the image ids it is paired with (one entry per use). Species with no
     image or no clip are left out.
     """
-    rng = np.random.default_rng([seed, epoch, 29])
+    rng = np.random.default_rng([seed, 29])
     audio = _by_species(audio_ids, audio_species)
     images = _by_species(image_ids, image_species)
     plan: dict[str, list[str]] = defaultdict(list)
@@ -72,3 +74,17 @@ def triplet_plan(
         for i, j in zip(a, b):
             plan[clips[i]].append(imgs[j])
     return dict(plan)
+
+
+def epoch_order(plan: dict, seed: int, epoch: int) -> list[tuple[str, int, str | None]]:
+    """Every use the plan asks for as (media id, use number, paired image id or None), in a
+    uniformly random order: a global shuffle, so that a clip used several times (an
+    oversampled species, a clip in several triplets) lands anywhere in the epoch, as with a
+    DataLoader that shuffles the epoch's list, never next to its other uses."""
+    uses = []
+    for media_id in sorted(plan):
+        v = plan[media_id]
+        uses += ([(media_id, k, None) for k in range(v)] if isinstance(v, int) else
+                 [(media_id, k, pair) for k, pair in enumerate(v)])
+    order = np.random.default_rng([seed, epoch, 41]).permutation(len(uses))
+    return [uses[i] for i in order]

@@ -57,7 +57,11 @@ def exists(root: str | os.PathLike) -> bool:
     return all(table_files(root, t) for t in SCHEMAS)
 
 
-ROW_GROUP_ROWS = 32  # ~8 MB of encoded audio per row group
+# A row group is what a decode task reads to get at one of its rows: at most this many rows
+# or about this much encoded media (a long field recording is a row group of its own), so
+# that training streams in a random order read little beyond the media they decode.
+ROW_GROUP_ROWS = 32
+ROW_GROUP_BYTES = 1 << 20
 
 
 class ShardWriter:
@@ -83,13 +87,15 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.buffer and self.paths:
             return
-        tbl = pa.Table.from_pylist(self.buffer, schema=self.schema)
         path = f"{self.base}/part-{len(self.paths):05d}.parquet"
         # encoded media do not compress: storing `bytes` plain saves a decompression per read.
-        # Small row groups give Ray Data small blocks, so decoding spreads over many tasks.
         codecs = {f.name: "none" if f.name == "bytes" else "zstd" for f in self.schema}
-        pq.write_table(tbl, path, filesystem=self.fs, compression=codecs,
-                       row_group_size=ROW_GROUP_ROWS)
+        with pq.ParquetWriter(path, self.schema, filesystem=self.fs, compression=codecs) as w:
+            for group in _row_groups(self.buffer):
+                tbl = pa.Table.from_pylist(group, schema=self.schema)
+                w.write_table(tbl, row_group_size=len(group))
+            if not self.buffer:
+                w.write_table(pa.Table.from_pylist([], schema=self.schema))
         self.paths.append(path)
         self.buffer = []
 
@@ -97,6 +103,21 @@ class ShardWriter:
         if self.buffer or not self.paths:  # an empty table still gets one (empty) shard
             self.flush()
         return self.paths
+
+
+def _row_groups(rows: list[dict]) -> Iterable[list[dict]]:
+    """Consecutive rows, cut at ROW_GROUP_ROWS rows or ~ROW_GROUP_BYTES of encoded media."""
+    group: list[dict] = []
+    size = 0
+    for r in rows:
+        n = len(r.get("bytes") or b"")
+        if group and (len(group) >= ROW_GROUP_ROWS or size + n > ROW_GROUP_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(r)
+        size += n
+    if group:
+        yield group
 
 
 def write_table(

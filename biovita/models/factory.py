@@ -86,7 +86,7 @@ def create_clip(ref: str, pretrained: str = "") -> tuple[Any, dict, ImageFrontEn
         _register_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG)
     model_cfg, _ = _clip_config(ref)
     has_schema = ref.startswith(("hf-hub:", "local-dir:"))
-    with _quiet_open_clip():
+    with _quiet_open_clip(random_is_expected=True):  # create_model warns on its own, once
         model = open_clip.create_model(ref, pretrained=(pretrained or None) if not has_schema else None)
     if has_schema:
         source = ref

@@ -75,10 +75,25 @@ class BioVITA(nn.Module):
         if pixels.dtype == torch.uint8:
             dtype = next(self.clip.visual.parameters()).dtype
             pixels = normalize(pixels, self.image_front_end).to(dtype)
-        return F.normalize(self.clip.encode_image(pixels), dim=-1)
+        return self._clip(image=pixels)[0]
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+        return self._clip(text=tokens)[1]
+
+    def _clip(self, image=None, text=None):
+        """(image features, text features, exp of open_clip's logit scale) through open_clip's
+        `forward`, features L2-normalised: under ZeRO-3 a module's own parameters (CLIP's
+        positional embedding, text projection, logit scale) are gathered only around its
+        forward, not around a method like `encode_text`."""
+        out = self.clip(image=image, text=text)
+        if isinstance(out, dict):
+            return out.get("image_features"), out.get("text_features"), out["logit_scale"]
+        return out[0], out[1], out[2]
+
+    def logit_scales(self) -> dict[str, torch.Tensor]:
+        """exp of BioVITA's logit scale ("model") and of open_clip's ("clip", stage 0's), as a
+        forward computes them (ZeRO-3 gathers them only there)."""
+        return self(scales_only=True)
 
     def embed_texts(self, texts: list[str], batch_size: int = 256):
         """L2-normalised embeddings (numpy, float32) of strings, tokenized here."""
@@ -92,7 +107,10 @@ class BioVITA(nn.Module):
                 out.append(self.encode_text(tokens).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
-    def forward(self, mel=None, pixels=None, tokens=None) -> dict[str, torch.Tensor]:
+    def forward(self, mel=None, pixels=None, tokens=None, scales_only: bool = False
+                ) -> dict[str, torch.Tensor]:
+        if scales_only:
+            return {"model": self.logit_scale.exp(), "clip": self._clip()[2]}
         out: dict[str, torch.Tensor] = {"logit_scale": self.logit_scale.exp()}
         if mel is not None:
             out["audio"] = self.encode_audio(mel)
@@ -111,8 +129,20 @@ class BioVITA(nn.Module):
         # open_clip's own logit scale belongs to stage 0 (the image-text base model)
         return [p for n, p in self.clip.named_parameters() if id(p) not in visual]
 
-    def upper_audio_modules(self) -> list[nn.Module]:
-        """Projection, final norm and the last transformer block of HTS-AT (stage-2 unfreeze)."""
-        enc = self.audio.audio_model.audio_encoder
-        mods: list[nn.Module] = [self.audio.audio_projection, enc.norm, enc.layers[-1]]
-        return mods
+    # What the released code unfreezes in phase 2: the parameters whose transformers ClapModel
+    # name contains one of these (METHOD.md); on HTS-AT that is the audio projection and the
+    # patch embedding's convolution, no Swin block.
+    RELEASED_UPPER_AUDIO = ("proj", "final_layer", "layers.11")
+
+    def upper_audio_parameters(self, selection: str = "released") -> list[nn.Parameter]:
+        """The audio parameters phase 2 unfreezes: "released" (the authors' code, default) or
+        "last_stage" (a deviation: projection, final norm and the last HTS-AT stage, the
+        paper's "upper layers" read literally)."""
+        if selection == "released":
+            return [p for n, p in self.audio.named_parameters()
+                    if any(k in n for k in self.RELEASED_UPPER_AUDIO)]
+        if selection == "last_stage":
+            enc = self.audio.audio_model.audio_encoder
+            mods = [self.audio.audio_projection, enc.norm, enc.layers[-1]]
+            return [p for m in mods for p in m.parameters()]
+        raise ValueError(f"unknown upper-audio selection {selection!r} (released, last_stage)")

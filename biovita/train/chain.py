@@ -5,7 +5,7 @@ trial run this one function."""
 from __future__ import annotations
 
 from biovita.config import Config
-from biovita.data.store import exists, fetch_dir
+from biovita.data.store import exists
 from biovita.train.driver import image_embeddings, run_stage
 from biovita.train.stages import PHASE1, PHASE2, STAGE0, STAGE1, Stage
 from biovita.train.tracking import Tracker
@@ -33,18 +33,13 @@ def run_chain(cfg: Config, tracker: Tracker, stages: list[Stage], init: str,
               **stage_kwargs) -> dict[str, str]:
     """Train `stages` in order from the model at `init`; returns stage name -> model URI.
     Extra keyword arguments go to every `run_stage` (Tune callbacks, test hooks)."""
-    from biovita.models.checkpoint import read_meta
-
     models, last, emb = {}, init, None
     for stage in stages:
-        baseline = None
         if stage.image_embeddings and emb is None:
             print("[stage2] embedding training images with the frozen image tower ...", flush=True)
             emb = image_embeddings(cfg, last)
-        if stage.name == "stage2.phase2":  # phase 1 measured the ATC baseline of the gate
-            baseline = read_meta(fetch_dir(last))["metadata"].get("baseline_atc")
-        last = models[stage.name] = run_stage(cfg, stage, last, tracker, emb if stage.image_embeddings
-                                              else None, baseline, **stage_kwargs)
+        last = models[stage.name] = run_stage(cfg, stage, last, tracker,
+                                              emb if stage.image_embeddings else None, **stage_kwargs)
     return models
 
 

@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from biovita.config import Config, config_from_dict
-from biovita.data.datasets import store_dataset
+from biovita.data.datasets import stream_dataset
 from biovita.data.decode import AudioDecodeSpec, ImageDecodeSpec
 from biovita.data.planning import row_groups
 from biovita.data.store import filesystem, is_remote, path_exists, read_table, upload_dir
@@ -110,11 +110,11 @@ def stage_dataset(cfg: Config, stage: Stage, checkpoint: str, image_emb=None, fi
     else:
         spec = AudioDecodeSpec(afe, "random", seed, first, prompts=stage.prompts)
     # the decode pool gets the CPUs the training workers leave (unless set in the config)
-    return store_dataset(
-        d.root, stage.table, spec, "train", plans=plans,
+    return stream_dataset(
+        d.root, stage.table, spec, plans, stage.settings(cfg).batch_size, seed,
         image_emb=image_emb if stage.image_embeddings else None,
-        groups=row_groups(d.root, stage.table), order_seed=(seed, first),
-        num_cpus=d.decode_cpus, decoders=d.decode_concurrency, ahead_mb=d.decode_ahead_mb,
+        groups=row_groups(d.root, stage.table), num_cpus=d.decode_cpus,
+        decoders=d.decode_concurrency, ahead_mb=d.decode_ahead_mb,
         reserved_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
 
 
@@ -175,7 +175,7 @@ def worker_output_env(cfg: Config) -> dict[str, str]:
 
 
 def run_stage(cfg: Config, stage: Stage | str, init: str, tracker: Tracker, image_emb=None,
-              baseline_atc: float | None = None, callbacks: list | None = None,
+              callbacks: list | None = None,
               report_every_log: bool = False, worker_env: dict[str, str] | None = None,
               step_callbacks: list | None = None) -> str:
     """Train one stage with a TorchTrainer; returns the consolidated model's URI.
@@ -200,7 +200,6 @@ def run_stage(cfg: Config, stage: Stage | str, init: str, tracker: Tracker, imag
           f"{cfg.train.num_workers} workers), {total} steps", flush=True)
     job = StageJob(config=cfg.to_dict(), stage=stage.name, steps_per_epoch=steps,
                    init_checkpoint=init, export_to=out, taxa=trained_taxa(cfg.data.root),
-                   baseline_atc=baseline_atc,
                    mlflow={"uri": child.uri, "run_id": child.run_id, "owned": child.owned}
                    if child else None,
                    report_every_log=report_every_log, progress_to=progress_uri(cfg, stage.name),

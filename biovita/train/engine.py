@@ -1,28 +1,61 @@
-"""The few operations the worker loop needs from its training engine: DeepSpeed ZeRO (or DDP)
-over the model, with the optimizer groups a stage asks for."""
+"""The training engine of the worker loop: DeepSpeed ZeRO over the model, with an AdamW over
+the optimizer groups a stage asks for, some of which may start only at a later step."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from biovita.config import Config
+from biovita.train.losses import LOGIT_SCALE_MAX, LOGIT_SCALE_MIN
 
 DS_TAG = "ds"
 STATE_FILE = "biovita_state.json"
 
 
-def deepspeed_config(cfg: Config, micro_batch: int) -> dict:
+class StagedAdamW(torch.optim.AdamW):
+    """AdamW that updates only the groups marked `active`.
+
+    A group that is not active yet is skipped entirely: no update, no weight decay and no
+    optimizer state, so that on its first active step it starts with fresh moments, as a group
+    that `add_param_group` adds at that step does (METHOD.md, phase 2). Under DeepSpeed ZeRO
+    the groups are flat fp32 partitions, one per group: skipping a group skips its partition."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        skipped = []
+        for g in self.param_groups:
+            if not g.get("active", True):
+                skipped.append((g, g["params"]))
+                g["params"] = []
+        try:
+            return super().step(closure)
+        finally:
+            for g, params in skipped:
+                g["params"] = params
+
+
+def _register_zero3_external_params(model) -> None:
+    """ZeRO-3 gathers a module's parameters around its forward. nn.MultiheadAttention (open_clip's
+    towers) reads its `out_proj` weights without calling `out_proj`: they must be gathered with
+    the attention module itself."""
+    import deepspeed
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.MultiheadAttention):
+            for p in m.out_proj.parameters():
+                deepspeed.zero.register_external_parameter(m, p)
+
+
+def deepspeed_config(cfg: Config, micro_batch: int, grad_clip: float) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.train.accum_freq,
-        "gradient_clipping": cfg.train.grad_clip,
+        "gradient_clipping": grad_clip,  # 0: none (METHOD.md clips in phase 2 only)
         "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # StagedAdamW is torch's AdamW underneath
         "bf16": {"enabled": bool(cfg.train.use_gpu)},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -30,48 +63,82 @@ def deepspeed_config(cfg: Config, micro_batch: int) -> dict:
 
 
 class Engine:
-    """DeepSpeed (or DDP) around the model and an AdamW over `groups`."""
+    """DeepSpeed around the model and a StagedAdamW over `groups`."""
 
-    def __init__(self, model, groups: list[dict], cfg: Config, micro_batch: int, betas, eps,
-                 device: torch.device | None = None, rank: int = 0):
-        self.cfg = cfg
-        self.rank = rank
-        self.strategy = cfg.train.strategy
-        opt = torch.optim.AdamW(groups, betas=betas, eps=eps)
+    def __init__(self, model, groups: list[dict], cfg: Config, micro_batch: int, betas, eps: float,
+                 grad_clip: float, device: torch.device | None = None, rank: int = 0):
+        import deepspeed
+
+        self.cfg, self.rank = cfg, rank
         self.device = device or torch.device("cpu")
-        if self.strategy == "deepspeed":
-            import deepspeed
+        opt = StagedAdamW(groups, betas=betas, eps=eps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model.to(self.device), optimizer=opt,
+            config=deepspeed_config(cfg, micro_batch, grad_clip))
+        self.module = self.engine.module
+        self.dtype = torch.bfloat16 if cfg.train.use_gpu else torch.float32
+        if cfg.train.zero_stage == 3:
+            _register_zero3_external_params(self.module)
 
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model.to(self.device), optimizer=opt, config=deepspeed_config(cfg, micro_batch))
-            self.module = self.engine.module
-        else:
-            self.module = model.to(self.device)
-            self.optimizer = opt
-            self.engine = (torch.nn.parallel.DistributedDataParallel(self.module)
-                           if dist.is_initialized() and dist.get_world_size() > 1 else self.module)
-        use_bf16 = cfg.train.use_gpu and self.strategy == "deepspeed"
-        self.dtype = torch.bfloat16 if use_bf16 else torch.float32
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.strategy == "deepspeed":
-            # contrastive accumulation sums k micro-batch gradients; DeepSpeed divides by k
-            self.engine.backward(loss * self.cfg.train.accum_freq)
-        else:
-            loss.backward()
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """One micro-batch's backward pass; gradients are reduced across workers at the last
+        micro-batch of the step (DeepSpeed's accumulation boundary)."""
+        k = self.cfg.train.accum_freq
+        self.engine.set_gradient_accumulation_boundary(last)
+        # contrastive accumulation gives each micro-batch the loss of the whole k-batch and
+        # sums their gradients; DeepSpeed divides every backward by k
+        self.engine.backward(loss * k)
 
     def step(self) -> None:
-        if self.strategy == "deepspeed":
-            for _ in range(self.cfg.train.accum_freq):
-                self.engine.step()
+        """The optimizer step (after the last micro-batch's backward), then the logit scale
+        clamp on the value DeepSpeed stores, not only on the module's copy."""
+        self.engine.step()
+
+    def clamp(self, param: torch.Tensor) -> None:
+        """Clamp a parameter to [ln(1/100), ln 100], in the fp32 master copy the optimizer
+        updates (and checkpoints) as well as in the module."""
+        from deepspeed import utils
+
+        if self.cfg.train.zero_stage == 3:  # a clamp is elementwise: each rank its partition
+            # (DeepSpeed 0.19.8's set_full_hp_param mis-slices parameters smaller than the ranks)
+            local = utils.safe_get_local_fp32_param(param)
+            if local is not None:
+                utils.safe_set_local_fp32_param(param, local.clamp(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX))
         else:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            master = utils.safe_get_full_fp32_param(param)
+            if master is not None:
+                utils.safe_set_full_fp32_param(param, master.clamp(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX))
+        with self.gathered([param]), torch.no_grad():
+            param.clamp_(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX)
+
+    def master_value(self, param: torch.Tensor) -> torch.Tensor:
+        """The fp32 value the optimizer holds for a parameter (the module's when it has none)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(param)
+        if master is None:
+            with self.gathered([param]):
+                master = param.detach().float().clone()
+        return master
+
+    def full_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        """A parameter's whole gradient after the step's last backward (before `step`)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param)
+
+    def groups_with_state(self) -> set[str]:
+        """Names of the optimizer groups that hold optimizer state (have been updated)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        # (ZeRO 0-2: under ZeRO-3 the groups hold their partitions only during `step`)
+        return {g["name"] for g in inner.param_groups
+                if any(inner.state.get(p) for p in g["params"])}
 
     def gathered(self, params):
         """Context in which ZeRO-3 partitioned parameters are whole (a no-op otherwise)."""
-        if self.strategy == "deepspeed" and self.cfg.train.zero_stage == 3:
+        import contextlib
+
+        if self.cfg.train.zero_stage == 3:
             import deepspeed
 
             return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
@@ -79,19 +146,10 @@ class Engine:
 
     def save(self, directory: str, state: dict) -> None:
         """Every rank writes its shard; rank 0 the loop state (JSON) beside it."""
-        if self.strategy == "deepspeed":
-            self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={"biovita": state})
-        elif self.rank == 0:
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                       os.path.join(directory, "ddp.pt"))
+        self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={"biovita": state})
         if self.rank == 0:
             Path(directory, STATE_FILE).write_text(json.dumps(state))
 
     def load(self, directory: str) -> dict:
-        if self.strategy == "deepspeed":
-            self.engine.load_checkpoint(directory, tag=DS_TAG)
-        else:
-            ck = torch.load(os.path.join(directory, "ddp.pt"), map_location="cpu", weights_only=True)
-            self.module.load_state_dict(ck["model"])
-            self.optimizer.load_state_dict(ck["optimizer"])
+        self.engine.load_checkpoint(directory, tag=DS_TAG)
         return json.loads(Path(directory, STATE_FILE).read_text())

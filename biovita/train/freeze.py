@@ -16,9 +16,10 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") or "ln_" in name
 
 
-def named_roles(model) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
-    """Every parameter of the model, assigned to exactly one role of ROLES."""
-    upper = {id(p) for m in model.upper_audio_modules() for p in m.parameters()}
+def named_roles(model, upper_audio: str = "released") -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """Every parameter of the model, assigned to exactly one role of ROLES. `upper_audio`
+    chooses the audio parameters of the `audio_upper` role (see `BioVITA.upper_audio_parameters`)."""
+    upper = {id(p) for p in model.upper_audio_parameters(upper_audio)}
     image = {id(p) for p in model.image_parameters()}
     out: dict[str, list] = {g: [] for g in ROLES}
     for name, p in model.named_parameters():
@@ -44,7 +45,7 @@ def param_groups(model, stage, settings, s2) -> list[dict]:
     and biases get no decay. Each group carries `name`, `role`, `base_lr` and
     `base_weight_decay` for the step schedules (`apply_group_schedule`)."""
     groups = []
-    for role, params in named_roles(model).items():
+    for role, params in named_roles(model, s2.upper_audio).items():
         on = role in stage.trainable
         for _, p in params:
             p.requires_grad_(on)
@@ -60,12 +61,18 @@ def param_groups(model, stage, settings, s2) -> list[dict]:
     return groups
 
 
-def apply_group_schedule(optimizer, stage, step: int, s2) -> None:
-    """Zero lr/decay of groups whose delayed start has not come yet."""
+def apply_delays(model, optimizer, stage, step: int, s2) -> None:
+    """Roles whose start step has not come yet get no gradient (so no share of the clipping
+    norm either) and their optimizer groups are skipped (`StagedAdamW`: no update, no state);
+    from their step on they train like the others. Called before every step: a restart
+    resumes the right plan."""
+    for role, params in named_roles(model, s2.upper_audio).items():
+        if role in stage.trainable:
+            on = stage.role_active(role, step, s2)
+            for _, p in params:
+                p.requires_grad_(on)
     for g in optimizer.param_groups:
-        active = stage.role_active(g["role"], step, s2)
-        g["lr"] = g["base_lr"] if active else 0.0
-        g["weight_decay"] = g["base_weight_decay"] if active else 0.0
+        g["active"] = stage.role_active(g["role"], step, s2)
 
 
 def reset_logit_scale(param: torch.Tensor, temperature: float) -> None:

@@ -34,21 +34,22 @@ class StageJob:
     init_checkpoint: str  # model folder (or URI) the stage starts from
     export_to: str  # where the consolidated model goes at the end
     taxa: list[dict] = field(default_factory=list)  # stored with the exported model
-    baseline_atc: float | None = None  # phase 2: phase 1's ATC baseline
-    mlflow: dict | None = None  # {"uri", "run_id"}: rank 0 logs there
+    mlflow: dict | None = None  # {"uri", "run_id"[, "owned"]}: rank 0 logs there
     report_every_log: bool = False  # a metrics-only report per log line (Tune's ASHA)
     progress_to: str = ""  # where rank 0 notes the epoch of each persisted checkpoint
     callbacks: list[Callable[["StepInfo"], None]] = field(default_factory=list)  # after each step
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepInfo:
-    """What step callbacks see (on every rank, after each optimizer step)."""
+    """What step callbacks see, on every rank, after each optimizer step (`run` gives them
+    the model, the engine and the state, for inspection)."""
 
     step: int
     epoch: int
     rank: int
     world: int
+    run: Any = None
 
 
 class RayTrainIO:
@@ -69,14 +70,14 @@ class RayTrainIO:
 
         return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
-    def batches(self, batch_size: int, prefetch: int, seed: int) -> Iterator[dict]:
+    def batches(self, batch_size: int, prefetch: int) -> Iterator[dict]:
+        """The worker's shard of the stage's stream: each epoch already in a uniformly random
+        order (`biovita.data.datasets.stream_dataset`), so no shuffle buffer here."""
         from biovita.data.datasets import TorchCollate
 
         shard = self.train.get_dataset_shard("train")
-        return iter(shard.iter_torch_batches(
-            batch_size=batch_size, collate_fn=TorchCollate(), drop_last=True,
-            local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed,
-            prefetch_batches=prefetch))
+        return iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=TorchCollate(),
+                                             drop_last=True, prefetch_batches=prefetch))
 
     @contextlib.contextmanager
     def checkpoint(self):
@@ -117,33 +118,35 @@ class StageRun:
         self.cfg: Config = config_from_dict(job.config)
         self.stage: Stage = get_stage(job.stage)
         self.settings = self.stage.settings(self.cfg)
-        self.s2 = self.cfg.stage2
+        self.s2 = s2 = self.cfg.stage2
         torch.manual_seed(self.cfg.train.seed * 1000 + io.rank)  # once, before any module init
         self.logger = RunLogger(**job.mlflow) if (io.rank == 0 and job.mlflow) else None
         model = load_model(fetch_dir(job.init_checkpoint))
         model.train()
         if self.stage.reset_logit_scale:
-            freeze.reset_logit_scale(model.logit_scale, self.s2.logit_reset_temperature)
-        groups = freeze.param_groups(model, self.stage, self.settings, self.s2)
-        self.eng = Engine(model, groups, self.cfg, self.settings.batch_size, self.s2.betas,
-                          self.s2.eps, io.device(self.cfg.train.use_gpu), io.rank)
+            freeze.reset_logit_scale(model.logit_scale, s2.logit_reset_temperature)
+        groups = freeze.param_groups(model, self.stage, self.settings, s2)
+        self.eng = Engine(model, groups, self.cfg, self.settings.batch_size,
+                          self.stage.betas(self.cfg), s2.eps, self.stage.grad_clip(self.cfg),
+                          io.device(self.cfg.train.use_gpu), io.rank)
         self.module = self.eng.module
         self.tokenizer = self.module.tokenizer()
-        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "gate": None, "atc_hist": [],
-                                      "baseline_atc": job.baseline_atc}
+        self.state: dict[str, Any] = {"epoch": 0, "step": 0, "gate": None, "baseline_atc": None,
+                                      "gate_open_steps": 0}
         with io.checkpoint() as d:
             if d:
                 self.state = self.eng.load(d)
                 self._resumed()
-        s = self.state
-        s2 = self.s2
-        self.gate = (schedules.ATCGate.from_state(s["gate"]) if s.get("gate") else
-                     schedules.ATCGate(baseline=s["baseline_atc"] or 1.0, alpha=s2.gate_alpha,
-                                       off_ratio=s2.gate_off_ratio, on_ratio=s2.gate_on_ratio,
-                                       patience=s2.gate_patience))
-        self.atc_hist = schedules.BaselineMeter(n=s2.baseline_batches, values=list(s.get("atc_hist", [])))
+        self.gate = (schedules.ATCGate.from_state(self.state["gate"]) if self.state.get("gate")
+                     else self._new_gate(self.state.get("baseline_atc") or 1.0))
         total = self.settings.epochs * job.steps_per_epoch
         self.total_steps = min(total, self.settings.max_steps) if self.settings.max_steps else total
+        self.step_log: list[tuple[int, dict[str, float]]] = []
+
+    def _new_gate(self, baseline: float) -> schedules.ATCGate:
+        s2 = self.s2
+        return schedules.ATCGate(baseline=baseline, alpha=s2.gate_alpha, off_ratio=s2.gate_off_ratio,
+                                 on_ratio=s2.gate_on_ratio, patience=s2.gate_patience)
 
     def _resumed(self) -> None:
         if self.io.rank != 0:
@@ -159,14 +162,14 @@ class StageRun:
         """Stream the stage's batches to its last step, then checkpoint and export the model.
 
         One stream for the whole stage: every epoch in turn (from the checkpoint's epoch on,
-        after a restart), rows tagged with their epoch. Decode tasks finish out of order, so
-        the end of one epoch mixes with the start of the next; a batch counts as its oldest
-        epoch."""
+        after a restart), rows tagged with their epoch. A batch counts as its oldest epoch
+        (the end of one epoch can share a batch with the start of the next)."""
         cfg, s = self.cfg, self.state
         k = cfg.train.accum_freq
         batches = iter(()) if s["step"] >= self.total_steps else self.io.batches(
-            self.settings.batch_size, cfg.train.prefetch_batches,
-            cfg.train.seed * 7919 + s["epoch"] * 31 + self.io.rank)
+            self.settings.batch_size, cfg.train.prefetch_batches)
+        if self.stage.measures_baseline and s.get("baseline_atc") is None:
+            batches = self._measure_baseline(batches)
         self.meter = _Meter(self.settings.batch_size * self.io.world * k, s["step"])
         self.last_metrics: dict[str, float] = {}
         micro: list[dict] = []
@@ -182,19 +185,53 @@ class StageRun:
             micro = []
             s["step"] += 1
             s["epoch"] = epoch
-            if "atc" in parts:
-                self.atc_hist.add(parts["atc"])
-            self.meter.add(parts)
-            info = StepInfo(s["step"], epoch, self.io.rank, self.io.world)
+            s["gate_open_steps"] += int(parts.get("phase2/gate_open", 0))
+            self.meter.add({key: v for key, v in parts.items() if key not in self.stage.per_step})
+            if self.stage.per_step:
+                self.step_log.append((s["step"], {**{key: parts[key] for key in self.stage.per_step},
+                                                  **self._learning_rates()}))
             for callback in self.job.callbacks:
-                callback(info)
+                callback(StepInfo(s["step"], epoch, self.io.rank, self.io.world, self))
             self._after_step()
         s["epoch"] = self.settings.epochs
-        if self.stage.name == "stage2.phase1" and self.atc_hist.value is not None:
-            s["baseline_atc"] = self.atc_hist.value  # phase 2's gate and guard
         final = {**self.last_metrics, "step": s["step"], "baseline_atc": s.get("baseline_atc") or 0.0}
+        if self.stage.per_step and s["step"]:
+            final["phase2/gate_open_share"] = s["gate_open_steps"] / s["step"]
         final.setdefault("top1_batch", 0.0)
         self._save(final, final=True)
+
+    def _measure_baseline(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """baseline_ATC (METHOD.md): after the logit-scale reset and before any update, in eval
+        mode without gradients, the mean ATC over the first `stage2.baseline_batches` batches
+        of this stage's data (3.0 if none is finite). The batches read are then trained on."""
+        import itertools
+        import math
+
+        head = list(itertools.islice(batches, self.s2.baseline_batches))
+        n = losses.all_min(len(head))  # every rank the same number: the loss gathers across them
+        self.module.eval()
+        with torch.no_grad():
+            scale = self.module.logit_scales()["model"].float()
+            values = [self._batch_atc(b, scale) for b in head[:n]]
+        self.module.train()
+        finite = [v for v in values if math.isfinite(v)]
+        local, count = (sum(finite) / len(finite), 1.0) if finite else (0.0, 0.0)
+        total, ranks = losses.all_mean([local * count, count])
+        baseline = total / ranks if ranks > 0 else 3.0
+        self.state["baseline_atc"] = baseline
+        self.gate = self._new_gate(baseline)
+        if self.io.rank == 0:
+            print(f"[{self.stage.name}] baseline ATC {baseline:.4f} (eval mode, {n} batches)",
+                  flush=True)
+            if self.logger:
+                self.logger.metrics({"phase2/baseline_atc": baseline}, step=0)
+        return itertools.chain(head, batches)
+
+    def _batch_atc(self, batch: dict, scale: torch.Tensor) -> float:
+        """ATC of one batch with the model as it is (no gradient bookkeeping)."""
+        feats = self._features({m: batch[col] for m, col in self.stage.inputs.items()
+                                if m in ("audio", "text")})
+        return float(losses.atc(feats["audio"], feats["text"], scale))
 
     def _after_step(self) -> None:
         """Log (every `log_every` steps and at the end) and checkpoint (`checkpoint_every`)."""
@@ -207,27 +244,37 @@ class StageRun:
         if checkpoint and step < self.total_steps:
             self._save({**self.last_metrics, "step": step})
 
-    def _train_step(self, micro: list[dict]) -> dict[str, float]:
-        """Forward + backward of one optimizer step (k micro-batches), then the update."""
-        stage, eng, module, step = self.stage, self.eng, self.module, self.state["step"]
-        freeze.apply_group_schedule(eng.optimizer, stage, step, self.s2)
-        dev, dtype = eng.device, eng.dtype
-        scale_param = module.clip.logit_scale if stage.scale == "clip" else module.logit_scale
+    def _encoders(self) -> dict[str, Callable]:
+        module, dev, dtype = self.module, self.eng.device, self.eng.dtype
         by_column = {
             "text": lambda texts: module.encode_text(self.tokenizer(texts).to(dev)),
             "mel": lambda mel: module.encode_audio(mel.to(dev, dtype)),
             "pixels": lambda px: module.encode_image(px.to(dev)),  # uint8: normalised on the device
             # precomputed embeddings of the frozen image tower
-            "image_emb": lambda x: torch.nn.functional.normalize(x.to(dev, dtype), dim=-1),
+            "image_emb": lambda x: x.to(dev),
         }
-        encoders = {m: by_column[col] for m, col in stage.inputs.items()}
+        return {m: by_column[col] for m, col in self.stage.inputs.items()}
+
+    def _features(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Embeddings in float32 whatever the towers ran in (NaN/inf zeroed, renormalised):
+        similarities and losses are float32 (METHOD.md, numerics)."""
+        encoders = self._encoders()
+        return {m: _fp32(encoders[m](x)) for m, x in inputs.items()}
+
+    def _train_step(self, micro: list[dict]) -> dict[str, float]:
+        """Forward + backward of one optimizer step (k micro-batches), then the update."""
+        stage, eng, module, step = self.stage, self.eng, self.module, self.state["step"]
+        freeze.apply_delays(module, eng.optimizer, stage, step, self.s2)
+        encoders = {m: (lambda enc: lambda x: _fp32(enc(x)))(enc) for m, enc in self._encoders().items()}
         mbs = [{m: b[col] for m, col in stage.inputs.items()} for b in micro]
         logged: dict[str, float] = {}
 
         def loss_fn(feats: dict[str, torch.Tensor], first: bool) -> torch.Tensor:
-            scale = scale_param.exp() if first else scale_param.exp().detach()
+            scale = module.logit_scales()[stage.scale].float()
+            scale = scale if first else scale.detach()
             loss, parts = stage.loss(LossInputs(feats, scale, first, step, self.s2, self.gate))
-            logged.update(parts)
+            if first:
+                logged.update(parts)
             return loss
 
         if len(mbs) == 1:
@@ -238,18 +285,21 @@ class StageRun:
             logged["atc"], = losses.all_mean([logged["atc"]])
         eng.step()
         if stage.scale == "model":
-            with eng.gathered([module.logit_scale]):
-                losses.clamp_logit_scale(module.logit_scale)
+            eng.clamp(module.logit_scale)
         return logged
+
+    def _learning_rates(self) -> dict[str, float]:
+        """Each optimizer group's learning rate this step (0 before its delayed start)."""
+        return {f"lr/{g['name']}": g["lr"] if g.get("active", True) else 0.0
+                for g in self.eng.optimizer.param_groups}
 
     # ------------------------------------------------------------------------ output
     def _log(self) -> None:
         s, module = self.state, self.module
         window = self.meter.window(s["step"])
-        self.last_metrics = {**window, "epoch": s["epoch"],
-                             "logit_scale": float(module.logit_scale.detach().float().exp())}
-        for g in self.eng.optimizer.param_groups:
-            self.last_metrics[f"lr/{g['name']}"] = g["lr"]
+        self.last_metrics = {**window, **self._learning_rates(), "epoch": s["epoch"],
+                             "logit_scale": float(self.eng.master_value(module.logit_scale).exp())}
+        steps, self.step_log = self.step_log, []
         if self.io.rank != 0:
             return
         m = self.last_metrics
@@ -259,13 +309,14 @@ class StageRun:
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
         if self.logger:
             self.logger.metrics({**m, **self.io.skipped_media()}, step=s["step"])
+            self.logger.step_metrics(steps)
 
     def _save(self, metrics: dict, final: bool = False) -> None:
         """Checkpoint (every rank its shard), report it, and at the end export the model."""
         from biovita.train.export import export_consolidated
 
         s = self.state
-        s.update(gate=self.gate.state_dict(), atc_hist=list(self.atc_hist.values))
+        s["gate"] = self.gate.state_dict()
         with tempfile.TemporaryDirectory() as d:
             self.eng.save(d, dict(s))
             if final:
@@ -274,6 +325,10 @@ class StageRun:
             self.io.report(metrics, d)
         if self.io.rank == 0 and self.job.progress_to:  # after the checkpoint is persisted
             write_progress(self.job.progress_to, s)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.nan_to_num(x.float()), dim=-1)
 
 
 class _Meter:

@@ -26,6 +26,25 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def all_mean(values: list[float]) -> list[float]:
+    """Mean over workers, so every rank takes the same schedule decisions."""
+    t = torch.tensor(values, dtype=torch.float64)
+    _, ws = dist_info()
+    if ws > 1:
+        dist.all_reduce(t)
+        t /= ws
+    return t.tolist()
+
+
+def all_min(value: int) -> int:
+    """Minimum over workers (how many batches every worker has)."""
+    t = torch.tensor([value], dtype=torch.int64)
+    _, ws = dist_info()
+    if ws > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def gather_with_grad(x: torch.Tensor, world_size: int | None = None) -> torch.Tensor:
     """All ranks' rows, concatenated in rank order; gradients flow back to every shard."""
     _, ws = dist_info()
@@ -46,9 +65,16 @@ def contrastive_logits(
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE between two batches of L2-normalised embeddings (row i <-> row i)."""
+    """Symmetric InfoNCE between two batches of L2-normalised embeddings (row i <-> row i).
+
+    As the authors compute it: in float32 whatever the towers ran in, and a logit matrix that
+    is not finite (on any worker) makes the loss 0 for the step, with zero gradients."""
+    a, b = a.float(), b.float()
     rank, _ = dist_info()
-    logits_ab, logits_ba = contrastive_logits(a, b, logit_scale)
+    logits_ab, logits_ba = contrastive_logits(a, b, logit_scale.float())
+    finite, = all_mean([float(bool(torch.isfinite(logits_ab).all() and torch.isfinite(logits_ba).all()))])
+    if finite < 1.0:
+        return (a.sum() + b.sum()) * 0.0
     labels = torch.arange(a.shape[0], device=a.device) + a.shape[0] * rank
     return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
 
@@ -68,16 +94,6 @@ def itc(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.T
     return contrastive_loss(image, text, scale)
 
 
-def all_mean(values: list[float]) -> list[float]:
-    """Mean over workers, so every rank takes the same schedule decisions."""
-    t = torch.tensor(values, dtype=torch.float64)
-    _, ws = dist_info()
-    if ws > 1:
-        dist.all_reduce(t)
-        t /= ws
-    return t.tolist()
-
-
 def batch_top1(a: torch.Tensor, b: torch.Tensor) -> float:
     """In-batch a->b retrieval Top-1 (the cheap retrieval metric of a training step)."""
     with torch.no_grad():
@@ -93,7 +109,7 @@ def accumulate_contrastive(
     encoders: dict[str, Callable[[object], torch.Tensor]],
     micro_batches: Sequence[dict[str, object]],
     loss_fn: Callable[[dict[str, torch.Tensor], bool], torch.Tensor],
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    backward: Callable[[torch.Tensor, bool], None] = lambda loss, last: loss.backward(),
 ) -> torch.Tensor:
     """Contrastive gradient accumulation (open_clip `--accum-freq`).
 
@@ -102,6 +118,8 @@ def accumulate_contrastive(
     of the whole (k*B) batch. Summed over j this is exactly the big-batch gradient, with k*B
     negatives. `loss_fn(features, first)` gets `first=True` only for j=0, so parameters used
     directly by the loss (the logit scale) receive their gradient once, not k times.
+    Exact when the towers compute the same features twice; with dropout in training mode
+    (HTS-AT's MLPs) the two passes draw different masks, as in open_clip.
     Returns the big-batch loss (detached).
     """
     with torch.no_grad():
@@ -114,6 +132,6 @@ def accumulate_contrastive(
             parts[j] = enc(mb[m])
             feats[m] = torch.cat(parts, dim=0)
         loss = loss_fn(feats, j == 0)
-        backward(loss)
+        backward(loss, j == len(micro_batches) - 1)  # the last one ends the step's accumulation
         total = loss.detach()
     return total

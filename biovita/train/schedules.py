@@ -3,7 +3,7 @@ phase-2 ramps, the ATC gate, the guard term and the composed phase-2 loss."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -16,27 +16,12 @@ def linear_ramp(step: int, ramp_steps: int, maximum: float) -> float:
 
 
 @dataclass
-class BaselineMeter:
-    """baseline_ATC: mean ATC over the last `n` batches before phase 2."""
-
-    n: int = 20
-    values: list[float] = field(default_factory=list)
-
-    def add(self, atc: float) -> None:
-        self.values.append(float(atc))
-        self.values = self.values[-self.n:]
-
-    @property
-    def value(self) -> float | None:
-        return sum(self.values) / len(self.values) if self.values else None
-
-
-@dataclass
 class ATCGate:
     """Switches AIC and ITC off while ATC drifts up.
 
-    An EMA (alpha) of ATC; above `off_ratio * baseline` the gate closes; it opens again after
-    the EMA stays <= `on_ratio * baseline` for `patience` consecutive steps.
+    An EMA (alpha) of ATC, started at the baseline; above `off_ratio * baseline` the gate
+    closes; it opens again after the EMA stays <= `on_ratio * baseline` for `patience`
+    consecutive steps.
     """
 
     baseline: float
@@ -48,8 +33,12 @@ class ATCGate:
     open: bool = True
     calm_steps: int = 0
 
+    def __post_init__(self) -> None:
+        if self.ema is None:
+            self.ema = self.baseline
+
     def update(self, atc: float) -> bool:
-        self.ema = atc if self.ema is None else self.alpha * atc + (1 - self.alpha) * self.ema
+        self.ema = self.alpha * atc + (1 - self.alpha) * self.ema
         if self.open:
             if self.ema > self.off_ratio * self.baseline:
                 self.open, self.calm_steps = False, 0

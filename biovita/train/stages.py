@@ -68,19 +68,21 @@ def _phase1_loss(x: LossInputs):
 
 
 def _phase2_loss(x: LossInputs):
-    f = x.feats
+    f, s2 = x.feats, x.s2
     atc = losses.atc(f["audio"], f["text"], x.scale)
     aic = losses.aic(f["audio"], f["image"], x.scale)
     itc = losses.itc(f["image"], f["text"], x.scale)
     atc_mean, = losses.all_mean([atc.item()])
     if x.first:
         x.gate.update(atc_mean)
-    w = schedules.phase2_weights(x.step, x.s2, x.gate.open)
-    loss = schedules.phase2_loss(atc, aic, itc, x.gate.baseline, w, x.s2)
+    w = schedules.phase2_weights(x.step, s2, x.gate.open)
+    loss = schedules.phase2_loss(atc, aic, itc, x.gate.baseline, w, s2)
+    guard = schedules.guard(atc.detach(), x.gate.baseline, s2.guard_margin, s2.guard_weight)
     return loss, {"loss": loss.item(), "atc": atc.item(), "aic": aic.item(), "itc": itc.item(),
-                  "lam_av": w.lam_av, "lam_vt": w.lam_vt, "gate_open": float(w.gate_open),
-                  "gate_ema": x.gate.ema or 0.0,
-                  "top1_batch": losses.batch_top1(f["audio"], f["text"])}
+                  "top1_batch": losses.batch_top1(f["audio"], f["text"]),
+                  "phase2/gate_open": float(w.gate_open), "phase2/lam_av": w.lam_av,
+                  "phase2/lam_vt": w.lam_vt, "phase2/guard": float(guard),
+                  "phase2/atc_ema": x.gate.ema or 0.0}
 
 
 def _same_hparams(role: str, st: StageConfig, s2: Stage2Config) -> tuple[float, float]:
@@ -106,8 +108,10 @@ def _balanced(cap: Callable[[Config], int]):
 
 
 def _triplets(cfg: Config, data: PlanInputs, epochs: range) -> list[dict]:
-    return [sampling.triplet_plan(data.ids, data.species, data.image_ids, data.image_species,
-                                  cfg.data.triplets_per_species, cfg.train.seed, e) for e in epochs]
+    """Drawn once for stage 2 (both phases); each epoch reorders them."""
+    plan = sampling.triplet_plan(data.ids, data.species, data.image_ids, data.image_species,
+                                 cfg.data.triplets_per_species, cfg.train.seed)
+    return [plan for _ in epochs]
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,12 @@ class Stage:
     hparams: Callable[[str, StageConfig, Stage2Config], tuple[float, float]] = _same_hparams
     delayed: Mapping[str, str] = field(default_factory=dict)  # role -> Stage2Config step field
     reset_logit_scale: bool = False  # to log(1 / stage2.logit_reset_temperature) at the start
+    measures_baseline: bool = False  # the gate's ATC baseline, measured before the first update
     image_embeddings: bool = False  # pairs clips with the frozen image tower's embeddings
     epoch_offset: Callable[[Config], int] = lambda cfg: 0  # seeds continue from an earlier stage
+    betas: Callable[[Config], tuple[float, float]] = lambda cfg: (0.9, 0.999)  # AdamW's default
+    grad_clip: Callable[[Config], float] = lambda cfg: 0.0  # gradient-norm clipping; 0: none
+    per_step: tuple[str, ...] = ()  # logged scalars kept for every step (others: window means)
 
     def role_active(self, role: str, step: int, s2: Stage2Config) -> bool:
         """Whether a role is updated at `step` (its delayed start, if any, has come)."""
@@ -162,8 +170,11 @@ PHASE2 = Stage(
     settings=lambda cfg: cfg.stage2.phase2, plans=_triplets, loss=_phase2_loss, prompts="fixed",
     hparams=_phase2_hparams,
     delayed={"audio_upper": "upper_audio_unfreeze_step", "logit_scale": "logit_freeze_steps"},
-    reset_logit_scale=True, image_embeddings=True,
-    epoch_offset=lambda cfg: cfg.stage2.phase1.epochs)
+    reset_logit_scale=True, measures_baseline=True, image_embeddings=True,
+    epoch_offset=lambda cfg: cfg.stage2.phase1.epochs,
+    betas=lambda cfg: cfg.stage2.betas, grad_clip=lambda cfg: cfg.train.grad_clip,
+    per_step=("phase2/gate_open", "phase2/lam_av", "phase2/lam_vt", "phase2/guard",
+              "phase2/atc_ema"))
 
 STAGES: tuple[Stage, ...] = (STAGE0, STAGE1, PHASE1, PHASE2)
 BY_NAME = {s.name: s for s in STAGES}

@@ -94,6 +94,13 @@ class RunLogger:
         if ms:
             self.client.log_batch(self.run_id, metrics=ms)
 
+    def step_metrics(self, steps: list[tuple[int, dict[str, float]]]) -> None:
+        """Scalars recorded at many steps (phase 2's gate and weights), in few requests."""
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, step) for step, values in steps for k, v in values.items()]
+        for i in range(0, len(ms), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=ms[i:i + 1000])
+
     def params(self, values: dict[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
         ps = [Param(k, str(v)[:6000]) for k, v in values.items() if k not in existing]
