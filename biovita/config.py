@@ -48,6 +48,10 @@ class ModelConfig:
     audio_model: str = ""  # "tiny", a hub id like laion/clap-htsat-unfused, or a save_pretrained folder
     require_pretrained: bool = False
     init_temperature: float = 0.07
+    # start training from a trained model instead of the towers above: a biovita folder, the
+    # released layout (hf-hub:risashinoda/BioVITA or a folder) or an authors' .pth
+    init_checkpoint: str = ""
+    clap: str = ""  # CLAP base of the released layouts ("" = laion/clap-htsat-unfused)
 
 
 @dataclass
@@ -279,7 +283,7 @@ def _validate_model(cfg: Config) -> None:
         f"unknown model {m.name!r} (known: {', '.join(sorted(MODEL_CONFIGS))})",
     )
     _require(0 < m.init_temperature < 1, "model.init_temperature", "must be in (0, 1)")
-    for key in ("clip_model", "audio_model"):
+    for key in ("clip_model", "audio_model", "init_checkpoint", "clap"):
         val = getattr(m, key)
         if val and (val.startswith("/") or val.startswith("./")) and not Path(val).exists():
             raise ConfigError(f"model.{key}: path {val} does not exist")

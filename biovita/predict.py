@@ -44,11 +44,14 @@ class Predictor:
     """Ranks the taxa of a label set for audio or image files."""
 
     def __init__(self, checkpoint: str | Path, taxa_csv: str | Path | None = None,
-                 taxa: Sequence[dict] | None = None):
+                 taxa: Sequence[dict] | None = None, clap: str | None = None, model=None):
+        """`checkpoint`: any layout `biovita.load_model` reads (a biovita folder, the released
+        layout or `hf-hub:risashinoda/BioVITA`, an authors' `.pth`); `clap`: the CLAP base of
+        the released layouts."""
         from biovita.models.checkpoint import load_model
 
-        self.checkpoint = Path(checkpoint)
-        self.model = load_model(self.checkpoint)
+        self.checkpoint = str(checkpoint)
+        self.model = load_model(self.checkpoint, clap=clap, model=model)
         if taxa is None and taxa_csv:
             taxa = read_taxa_csv(taxa_csv)
         if taxa is None:
@@ -71,17 +74,25 @@ class Predictor:
             uniq.setdefault(t[col], {k: t[k] for k in keep})
         names = sorted(uniq)
         key = hashlib.sha1(json.dumps([rank, names]).encode()).hexdigest()[:12]
-        cache = self.checkpoint / f"labels_{rank}_{key}.npy"
+        cache = self._cache_dir() / f"labels_{rank}_{key}.npy"
         if cache.is_file():
             emb = np.load(cache, allow_pickle=False)
         else:
             emb = self.model.embed_texts(names)
             try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
                 np.save(cache, emb)
             except OSError:  # read-only checkpoint folder: just do not cache
                 pass
         self._labels[rank] = ([uniq[n] for n in names], emb)
         return self._labels[rank]
+
+    def _cache_dir(self) -> Path:
+        """Label embeddings are cached beside a local checkpoint folder, else in ~/.cache."""
+        if Path(self.checkpoint).is_dir():
+            return Path(self.checkpoint)
+        key = hashlib.sha1(self.checkpoint.encode()).hexdigest()[:12]
+        return Path.home() / ".cache" / "biovita" / "labels" / key
 
     # -- media -----------------------------------------------------------------------------
     def embed_file(self, path: str | Path) -> tuple[str, np.ndarray]:

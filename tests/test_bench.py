@@ -224,3 +224,38 @@ def test_galleries_that_differ_between_rows_take_the_exact_path():
     assert task.galleries is None
     ranks, _, _ = rank_of_correct(task, Features.from_dict(q), Features.from_dict(g), cap=100)
     np.testing.assert_array_equal(ranks, _reference_ranks(rows, q, g))
+
+
+@pytest.mark.slow
+def test_the_releases_benchmark_defects_score_and_are_counted(ray_local, synth_store, tiny_checkpoint,
+                                                              tmp_path):
+    """The public release's benchmark as it is (METHOD.md): index rows whose file is missing,
+    a clip that is an HTML page saved as audio, header-only family-level task files, the
+    common_name text level. It scores without error and the report counts each defect."""
+    from biovita.bench.build import build_benchmark
+    from biovita.bench.run import evaluate
+
+    root, _ = synth_store
+    bench = tmp_path / "bench"
+    build_benchmark(str(root), bench, candidates=8, split="seen")
+    with open(bench / "ids" / "audio_index.csv", newline="") as f:
+        audio = list(csv.DictReader(f))
+    with open(bench / "ids" / "image_index.csv", newline="") as f:
+        image = list(csv.DictReader(f))
+    for r in audio[:2] + image[:1]:
+        (bench / r["file_path"]).unlink()
+    (bench / audio[2]["file_path"]).write_bytes(b"<!DOCTYPE html><html><body>404</body></html>")
+    for p in (bench / "family").glob("test_*.csv"):
+        p.write_text(",".join(FIELDS) + "\n")
+    result = evaluate(bench, tiny_checkpoint, tmp_path / "feats")
+    inputs = result["inputs"]
+    assert inputs["audio"] == {"indexed": len(audio), "with_feature": len(audio) - 3, "missing_file": 2,
+                               "failed": {"undecodable": 1}}
+    assert inputs["image"] == {"indexed": len(image), "with_feature": len(image) - 1, "missing_file": 1,
+                               "failed": {}}
+    assert inputs["task_files_without_queries"] == sorted(f"family/test_{t}.csv" for t in TASKS)
+    assert all(result["family"][code]["n"] == 0 for code in TASKS.values())
+    a2t = result["species"]["A2T"]
+    assert a2t["missing_query"] == 3 and a2t["n"] > 0  # still counted, as misses
+    text = torch.load(next((tmp_path / "feats" / "text").glob("*.pt")), weights_only=True)
+    assert set(text) == {"species", "genus", "family", "common_name"}

@@ -5,10 +5,8 @@ stored value, and contrastive accumulation against the one-process global-batch 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -30,36 +28,6 @@ def _batch(rank: int, i: int, stage: str, dim: int) -> dict:
     if stage.startswith("stage2"):
         out["image_emb"] = torch.nn.functional.normalize(torch.randn(B, dim, generator=g), dim=-1)
     return out
-
-
-class MemoryIO:
-    """The worker's side of training without Ray Train: in-memory batches; each reported
-    checkpoint is merged (every rank its shard) into `out/ckpt_<n>`."""
-
-    def __init__(self, rank, world, batches, out: Path, resume: str | None = None):
-        self.rank, self.world, self._batches, self.out, self.resume = rank, world, batches, out, resume
-        self.reports = 0
-
-    def device(self, use_gpu):
-        return torch.device("cpu")
-
-    def batches(self, batch_size, prefetch):
-        return iter(self._batches)
-
-    @contextlib.contextmanager
-    def checkpoint(self):
-        yield self.resume
-
-    def report(self, metrics, directory=None):
-        import torch.distributed as dist
-
-        if directory:
-            self.reports += 1
-            shutil.copytree(directory, self.out / f"ckpt_{self.reports}", dirs_exist_ok=True)
-        dist.barrier()
-
-    def skipped_media(self):
-        return {}
 
 
 def _job(init: str, out: Path, stage: str, overrides: list[str]):
@@ -88,13 +56,13 @@ def _roles(module, s2):
 
 
 def _phase2_worker(rank, port, init, out, q, zero=2):
-    from biovita.train.loop import StageRun
+    from biovita.train.loop import LocalIO, StageRun
 
     _setup(rank, port)
     job = _job(init, out, "stage2.phase2", [f"train.zero_stage={zero}",
         "stage2.phase2.max_steps=8", "stage2.phase2.batch_size=4", "stage2.upper_audio_unfreeze_step=3",
         "stage2.logit_freeze_steps=6", "stage2.baseline_batches=3", "stage2.phase2.lr=1e-2"])
-    io = MemoryIO(rank, WORLD, [_batch(rank, i, job.stage, 64) for i in range(10)], out)
+    io = LocalIO([_batch(rank, i, job.stage, 64) for i in range(10)], out)
     windows = []
 
     def snapshot(run):
@@ -129,15 +97,15 @@ def _phase2_worker(rank, port, init, out, q, zero=2):
 def _clamp_worker(rank, port, init, out, q):
     """One step at a huge logit-scale learning rate, then a restart from the checkpoint."""
     from biovita.train.losses import LOGIT_SCALE_MAX, LOGIT_SCALE_MIN
-    from biovita.train.loop import StageRun
+    from biovita.train.loop import LocalIO, StageRun
 
     _setup(rank, port)
     job = _job(init, out, "stage2.phase2", ["stage2.phase2.max_steps=2", "stage2.logit_freeze_steps=0",
                                             "stage2.phase2.lr=1e3", "stage2.baseline_batches=1"])
     batches = [_batch(rank, i, job.stage, 64) for i in range(4)]
-    StageRun(job, MemoryIO(rank, WORLD, batches, out)).run()
-    saved = sorted(out.glob("ckpt_*"))[-1]
-    again = StageRun(job, MemoryIO(rank, WORLD, batches, out, resume=str(saved)))
+    StageRun(job, LocalIO(batches, out)).run()
+    saved = sorted(out.glob("checkpoint_*"))[-1]
+    again = StageRun(job, LocalIO(batches, out, resume=str(saved)))
     p = again.module.logit_scale
     q.put((rank, {"master": float(again.eng.master_value(p)), "module": float(p.detach()),
                   "bounds": (LOGIT_SCALE_MIN, LOGIT_SCALE_MAX)}))
@@ -148,11 +116,11 @@ def _clamp_worker(rank, port, init, out, q):
 
 def _accum_worker(rank, port, init, out, q):
     """Stage 1 with train.accum_freq=2: the loss and every gradient DeepSpeed reduces."""
-    from biovita.train.loop import StageRun
+    from biovita.train.loop import LocalIO, StageRun
 
     _setup(rank, port)
     job = _job(init, out, "stage1", ["stage1.max_steps=1", "stage1.batch_size=4", "train.accum_freq=2"])
-    run = StageRun(job, MemoryIO(rank, WORLD, [_batch(rank, i, job.stage, 64) for i in range(2)], out))
+    run = StageRun(job, LocalIO([_batch(rank, i, job.stage, 64) for i in range(2)], out))
     grads, step = {}, run.eng.step
 
     def step_and_record():

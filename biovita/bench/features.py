@@ -25,10 +25,10 @@ class Embedder:
     def __init__(self, checkpoint: str, modality: str, use_gpu: bool = False):
         import torch
 
-        from biovita.models.checkpoint import load_model
+        from biovita.models.checkpoint import load_biovita
 
         self.device = "cuda" if (use_gpu and torch.cuda.is_available()) else "cpu"
-        self.model = load_model(fetch_dir(checkpoint)).to(self.device).eval()
+        self.model = load_biovita(fetch_dir(checkpoint)).to(self.device).eval()
         self.modality = modality
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,13 +109,16 @@ def collect_embeddings(ds) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
 
 
 def embed_to_parquet(checkpoint: str, out: str, data: str | None = None,
-                     files: Sequence[str] | None = None) -> int:
-    """Embeddings of a whole store (audio + image tables) or of files, on Ray Data."""
+                     files: Sequence[str] | None = None, clap: str | None = None) -> int:
+    """Embeddings of a whole store (audio + image tables) or of files, on Ray Data; any
+    checkpoint layout (see `biovita.models.checkpoint.load_model`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from biovita.models.checkpoint import resolve_checkpoint
     from biovita.runtime import init_ray
 
+    checkpoint = resolve_checkpoint(checkpoint, clap=clap)
     init_ray()
     tables = []
     for modality in ("audio", "image"):

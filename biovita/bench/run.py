@@ -33,7 +33,7 @@ def extract_features(bench: str | Path, checkpoint: str, feats: str | Path, use_
     import torch
 
     from biovita.data.store import fetch_dir
-    from biovita.models.checkpoint import load_model
+    from biovita.models.checkpoint import load_biovita
 
     bench, feats = Path(bench), Path(feats)
     written = {}
@@ -53,31 +53,84 @@ def extract_features(bench: str | Path, checkpoint: str, feats: str | Path, use_
                 written[modality] += 1
     out = feats / "text"
     out.mkdir(parents=True, exist_ok=True)
-    todo = [r for r in _index(bench, "text") if not (out / f"{r['id']}.pt").exists()]
+    rows = _index(bench, "text")
+    todo = [r for r in rows if not (out / f"{r['id']}.pt").exists()]
     written["text"] = len(todo)
     if todo:
-        model = load_model(fetch_dir(checkpoint))
-        per_level = {lvl: model.embed_texts([r[lvl] for r in todo]) for lvl in LEVELS}
+        # the bare name at each level, as the authors embed them; common_name where the index has it
+        levels = [*LEVELS, *(["common_name"] if "common_name" in rows[0] else [])]
+        model = load_biovita(fetch_dir(checkpoint))
+        per_level = {lvl: model.embed_texts([r[lvl] or "" for r in todo]) for lvl in levels}
         for n, r in enumerate(todo):
-            torch.save({lvl: torch.from_numpy(per_level[lvl][n].copy()) for lvl in LEVELS},
+            torch.save({lvl: torch.from_numpy(per_level[lvl][n].copy()) for lvl in levels},
                        out / f"{r['id']}.pt")
     return written
 
 
+def input_report(bench: str | Path, feats: str | Path, decode_failures: dict) -> dict:
+    """What of the benchmark could be used: per modality the index rows, those whose file is
+    missing or does not decode (by reason), those with a feature; the task files that hold
+    no query (the release's family level is header-only)."""
+    bench, feats = Path(bench), Path(feats)
+    out: dict = {}
+    for modality in ("audio", "image", "text"):
+        rows = _index(bench, modality)
+        have = sum((feats / modality / f"{r['id']}.pt").exists() for r in rows)
+        entry = {"indexed": len(rows), "with_feature": have}
+        if modality != "text":
+            entry["missing_file"] = sum(not (bench / r["file_path"]).is_file() for r in rows)
+            entry["failed"] = {k: v for k, v in decode_failures.get(modality, {}).items()
+                               if k != "missing_file"}  # (counted above)
+        out[modality] = entry
+    out["task_files_without_queries"] = sorted(
+        f"{p.parent.name}/{p.name}" for p in bench.glob("*/test_*.csv")
+        if sum(1 for _ in open(p, newline="")) <= 1)
+    return out
+
+
+def print_inputs(inputs: dict, out=None) -> None:
+    """One line per modality: what could be used, and why not the rest."""
+    import sys
+
+    for modality in ("audio", "image", "text"):
+        e = inputs[modality]
+        why = {"missing file": e.get("missing_file", 0), **e.get("failed", {})}
+        detail = ", ".join(f"{k} {v}" for k, v in why.items() if v)
+        print(f"{modality}: {e['with_feature']} of {e['indexed']} indexed items have a feature"
+              + (f" ({detail})" if detail else ""), file=out or sys.stderr)
+    if inputs["task_files_without_queries"]:
+        print("task files without queries (scored n=0): " + ", ".join(inputs["task_files_without_queries"]),
+              file=out or sys.stderr)
+
+
 def evaluate(bench: str | Path, checkpoint: str, feats: str | Path, use_gpu: bool = False,
              json_out: str | Path | None = None, logger=None, prefix: str = "bench",
-             title: str = "", skip_missing: bool = False) -> dict:
+             title: str = "", skip_missing: bool = False, clap: str | None = None) -> dict:
     """Features (resumable), scores, the printed table; with `json_out` the JSON and its
-    plots beside it, logged to MLflow under `prefix` when a logger is given."""
+    plots beside it, logged to MLflow under `prefix` when a logger is given. Any checkpoint
+    layout (`clap`: the CLAP base of the released layouts)."""
+    import uuid
+
     from biovita.bench.report import format_table, print_skipped, write_results
     from biovita.bench.score import score_benchmark
+    from biovita.data.stats import bad_media_counts, drop_media_stats, media_stats
+    from biovita.models.checkpoint import resolve_checkpoint
 
-    n = extract_features(bench, checkpoint, feats, use_gpu=use_gpu)
+    checkpoint = resolve_checkpoint(checkpoint, clap=clap)
+    name = f"biovita-bench-{uuid.uuid4().hex[:8]}"  # this run's own count of undecodable media
+    media_stats(name)
+    try:
+        n = extract_features(bench, checkpoint, feats, use_gpu=use_gpu, stats_name=name)
+        failures = bad_media_counts(name)["bad"]
+    finally:
+        drop_media_stats(name)
     print(f"features written: {n} -> {feats}", flush=True)
     result = score_benchmark(bench, feats, skip_missing=skip_missing)
+    result["inputs"] = input_report(bench, feats, failures)
     print()
     print(format_table(result, bench, title=title))
     print_skipped(result)
+    print_inputs(result["inputs"])
     if json_out:
         write_results(result, json_out, logger=logger, prefix=prefix)
     return result

@@ -37,7 +37,8 @@ def _run(a) -> int:
 
     init_ray()
     feats = a.features or str(Path(a.bench) / "features" / Path(a.checkpoint).name)
-    evaluate(a.bench, a.checkpoint, feats, use_gpu=a.gpu, json_out=a.json, skip_missing=a.skip_missing)
+    evaluate(a.bench, a.checkpoint, feats, use_gpu=a.gpu, json_out=a.json,
+             skip_missing=a.skip_missing, clap=a.clap)
     if a.json:
         print(f"results: {a.json}")
     return 0
@@ -61,7 +62,10 @@ def add_parsers(sub) -> None:
     s.set_defaults(fn=_score)
     s = bsub.add_parser("run", help="extract features with a checkpoint (Ray Data) and score")
     s.add_argument("--bench", required=True)
-    s.add_argument("--checkpoint", required=True)
+    from biovita.cli.models import CHECKPOINT_HELP, CLAP_HELP
+
+    s.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    s.add_argument("--clap", default=None, metavar="NAME_OR_DIR", help=CLAP_HELP)
     s.add_argument("--features", default=None, help="where features go (resumable)")
     s.add_argument("--gpu", action="store_true", help="GPU inference actors")
     s.add_argument("--json", default=None)

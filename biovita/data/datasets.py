@@ -223,18 +223,17 @@ def decode_media_files(ds, table: str, spec, batch_size: int = 16, num_cpus: flo
 
 
 def read_files_batch(batch: dict[str, np.ndarray], base: str = "") -> dict[str, np.ndarray]:
-    """Add a `bytes` column from the `file_path` column (relative to `base`). An unreadable
-    file gets empty bytes, which the decoder then counts as `empty_file`."""
+    """Add a `bytes` column from the `file_path` column (relative to `base`). A file that is
+    not there gets None, which the decoder counts as `missing_file`."""
     out = dict(batch)
-    data = []
-    for p in batch["file_path"]:
-        path = os.path.join(base, str(p))
+    data = np.empty(len(batch["file_path"]), dtype=object)
+    for k, p in enumerate(batch["file_path"]):
         try:
-            with open(path, "rb") as f:
-                data.append(f.read())
+            with open(os.path.join(base, str(p)), "rb") as f:
+                data[k] = f.read()
         except OSError:
-            data.append(b"")
-    out["bytes"] = np.asarray(data, dtype=object)
+            data[k] = None
+    out["bytes"] = data
     return out
 
 

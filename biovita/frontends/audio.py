@@ -59,7 +59,9 @@ def read_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Encoded bytes -> (channels x samples float32, sample rate). Raises MediaError."""
     import soundfile as sf
 
-    if data is None or len(data) == 0:
+    if data is None:
+        raise MediaError("missing_file")
+    if len(data) == 0:
         raise MediaError("empty_file")
     try:
         wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)

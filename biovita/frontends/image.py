@@ -37,7 +37,9 @@ def read_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
     """Encoded bytes -> RGB PIL image. Raises MediaError (never returns a placeholder)."""
     from PIL import Image
 
-    if data is None or len(data) == 0:
+    if data is None:
+        raise MediaError("missing_file")
+    if len(data) == 0:
         raise MediaError("empty_file")
     try:
         with warnings.catch_warnings():

@@ -59,8 +59,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{p / META} is not valid JSON: {e}") from None
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu"):
-    """Load a checkpoint folder; checks the weights' hash before reading them."""
+def load_biovita(path: str | os.PathLike, device: str = "cpu"):
+    """Load a biovita checkpoint folder; checks the weights' hash before reading them."""
     from safetensors.torch import load_file
 
     from biovita.models.factory import build_from_arch
@@ -82,15 +82,47 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
     return model.eval()
 
 
-def export_release(model, out: str | os.PathLike) -> Path:
-    """Audio tower + adapter in the official release's layout: a transformers CLAP folder
-    (`clap/`) and the adapter state dict (`audio_adapter.pt`, plain tensors)."""
-    import torch
+def is_biovita(path: str | os.PathLike) -> bool:
+    return (Path(path) / META).is_file() and (Path(path) / WEIGHTS).is_file()
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.audio.save_pretrained(out / "clap")
-    torch.save({k: v.detach().cpu() for k, v in model.adapter.state_dict().items()},
-               out / "audio_adapter.pt")
-    (out / "front_end.json").write_text(json.dumps(model.arch["audio_front_end"], indent=1))
-    return out
+
+def load_model(ref: str | os.PathLike, clap: str | None = None, model=None, device: str = "cpu"):
+    """A model from whatever users bring: a biovita checkpoint folder (safetensors), the
+    released layout (`hf-hub:risashinoda/BioVITA` or a folder of its files) or an authors'
+    training checkpoint (`.pth`). `clap` names the CLAP base of the two released layouts (Hub id
+    or local folder; default laion/clap-htsat-unfused); `model` the model config (name or
+    ModelConfig) whose towers a training checkpoint fills (default bioclip2-clap)."""
+    from biovita.models import release
+
+    ref = str(ref)
+    if ref.startswith("hf-hub:") or release.is_official(ref):
+        return release.load_official(ref, clap).to(device)
+    if is_biovita(ref):
+        return load_biovita(ref, device)
+    if Path(ref).is_file():
+        return release.load_training_checkpoint(ref, model, clap).to(device)
+    if Path(ref).is_dir():
+        raise CheckpointError(f"{ref} is neither a biovita checkpoint ({WEIGHTS} + {META}) nor the "
+                              f"released layout ({', '.join(release.OFFICIAL_FILES)})")
+    raise CheckpointError(f"{ref}: no such checkpoint file or folder")
+
+
+def resolve_checkpoint(ref: str | os.PathLike, clap: str | None = None, model=None,
+                       cache: str | os.PathLike | None = None) -> str:
+    """A biovita checkpoint folder for `ref`: itself when it is one, else the model converted
+    once into a cache folder (`~/.cache/biovita/checkpoints`), so that Ray workers load fast
+    safetensors and object-store paths work the same way."""
+    ref = str(ref)
+    if "://" in ref or is_biovita(ref):
+        return ref
+    key_parts = [ref if ref.startswith("hf-hub:") else str(Path(ref).resolve()), clap or "",
+                 str(getattr(model, "name", model) or "")]
+    if not ref.startswith("hf-hub:") and Path(ref).exists():
+        files = [Path(ref)] if Path(ref).is_file() else sorted(Path(ref).iterdir())
+        key_parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+    out = Path(cache or Path.home() / ".cache" / "biovita" / "checkpoints") / key
+    if not is_biovita(out):
+        loaded = load_model(ref, clap=clap, model=model)
+        save_model(loaded, out, metadata={**loaded.checkpoint_metadata, "converted_from": ref})
+    return str(out)

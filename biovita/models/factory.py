@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,14 +147,9 @@ def resolve_model_config(cfg: ModelConfig | str) -> ModelConfig:
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
     spec = MODEL_CONFIGS[cfg.name]
-    return ModelConfig(
-        name=cfg.name,
-        clip_model=cfg.clip_model or spec.clip_model,
-        clip_pretrained=cfg.clip_pretrained or spec.clip_pretrained,
-        audio_model=cfg.audio_model or spec.audio_model,
-        require_pretrained=cfg.require_pretrained,
-        init_temperature=cfg.init_temperature,
-    )
+    return replace(cfg, clip_model=cfg.clip_model or spec.clip_model,
+                   clip_pretrained=cfg.clip_pretrained or spec.clip_pretrained,
+                   audio_model=cfg.audio_model or spec.audio_model)
 
 
 def create_model(cfg: ModelConfig | str = "tiny"):

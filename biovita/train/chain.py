@@ -17,7 +17,7 @@ def needs_stage0(cfg: Config) -> bool:
     from biovita.models.registry import MODEL_CONFIGS
 
     m = cfg.model
-    pretrained = bool(m.clip_model.startswith("hf-hub:") or m.clip_pretrained
+    pretrained = bool(m.clip_model.startswith("hf-hub:") or m.clip_pretrained or m.init_checkpoint
                       or (not m.clip_model and MODEL_CONFIGS[m.name].pretrained))
     return cfg.stage0.enabled and not pretrained
 

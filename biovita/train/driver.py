@@ -252,13 +252,16 @@ def _trainer(cfg: Config, stage: Stage, job: StageJob, data: StageData, callback
 
 
 def save_init(cfg: Config) -> str:
-    """The starting weights, built once on the driver (hub downloads happen here)."""
-    from biovita.models.checkpoint import save_model
+    """The starting weights, built once on the driver (hub downloads happen here): the model
+    config's towers, or `model.init_checkpoint` in any layout biovita reads."""
+    from biovita.models.checkpoint import load_model, save_model
     from biovita.models.factory import create_model
 
     uri = model_uri(cfg, "init")
     if not stage_done(cfg, "init"):
-        model = create_model(cfg.model)
+        m = cfg.model
+        model = (load_model(m.init_checkpoint, clap=m.clap or None, model=m) if m.init_checkpoint
+                 else create_model(m))
         with tempfile.TemporaryDirectory() as d:
             save_model(model, d, metadata={"stage": "init"})
             upload_dir(d, uri)

@@ -12,6 +12,7 @@ import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -102,6 +103,45 @@ class RayTrainIO:
         return {f"skipped/{t}/{r}": n for t, reasons in bad.items() for r, n in reasons.items()}
 
 
+class LocalIO:
+    """The worker's side of training without Ray Train (a benchmark, a test, a notebook): the
+    batches from memory, rank and world size from torch.distributed (one process without it),
+    and each reported checkpoint merged (every rank writes its shard) into
+    `<out>/checkpoint_<n>`; `resume` starts from such a folder."""
+
+    def __init__(self, batches, out: str | Path, resume: str | None = None):
+        import torch.distributed as dist
+
+        self._batches, self.out, self.resume = batches, Path(out), resume
+        on = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        self.reports = 0
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+
+    def batches(self, batch_size: int, prefetch: int) -> Iterator[dict]:
+        return iter(self._batches)
+
+    @contextlib.contextmanager
+    def checkpoint(self):
+        yield self.resume
+
+    def report(self, metrics: dict, directory: str | None = None) -> None:
+        import shutil
+
+        import torch.distributed as dist
+
+        if directory:
+            self.reports += 1
+            shutil.copytree(directory, self.out / f"checkpoint_{self.reports}", dirs_exist_ok=True)
+        if self.world > 1:
+            dist.barrier()
+
+    def skipped_media(self) -> dict[str, float]:
+        return {}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point: `train_loop_config={"job": StageJob(...)}`."""
     StageRun(config["job"], RayTrainIO()).run()
@@ -112,7 +152,7 @@ class StageRun:
 
     def __init__(self, job: StageJob, io):
         from biovita.data.store import fetch_dir
-        from biovita.models.checkpoint import load_model
+        from biovita.models.checkpoint import load_biovita
 
         self.job, self.io = job, io
         self.cfg: Config = config_from_dict(job.config)
@@ -121,7 +161,7 @@ class StageRun:
         self.s2 = s2 = self.cfg.stage2
         torch.manual_seed(self.cfg.train.seed * 1000 + io.rank)  # once, before any module init
         self.logger = RunLogger(**job.mlflow) if (io.rank == 0 and job.mlflow) else None
-        model = load_model(fetch_dir(job.init_checkpoint))
+        model = load_biovita(fetch_dir(job.init_checkpoint))
         model.train()
         if self.stage.reset_logit_scale:
             freeze.reset_logit_scale(model.logit_scale, s2.logit_reset_temperature)
