@@ -137,3 +137,20 @@ def test_load_clip_equals_crop_of_whole_resampled_clip():
     start = onset_start(whole, 48000)
     assert any(np.allclose(onset, whole[start + d : start + d + fe.clip_samples], atol=1e-5)
                for d in range(-3, 4))
+
+
+def test_front_end_read_from_a_checkpoint_folder_matches_its_extractor(tmp_path):
+    """The log-mel settings come from the CLAP checkpoint's own preprocessor_config.json: a
+    folder with non-default settings (fmin 50, rand_trunc, fmax 12 kHz) gives features equal
+    to that folder's ClapFeatureExtractor."""
+    from transformers import ClapFeatureExtractor
+
+    from biovita.models.factory import _audio_front_end
+
+    ClapFeatureExtractor(frequency_min=50, frequency_max=12000, truncation="rand_trunc").save_pretrained(tmp_path)
+    fe = _audio_front_end(str(tmp_path))
+    assert (fe.f_min, fe.f_max, fe.truncation) == (50, 12000, "rand_trunc")
+    wave = _clip()
+    ref = ClapFeatureExtractor.from_pretrained(tmp_path)(wave, sampling_rate=48000, return_tensors="np")
+    ours = log_mel(fe)(wave)[0, 0].numpy()
+    assert np.abs(ours - ref["input_features"][0, 0]).max() < GOLDEN_TOL_DB
