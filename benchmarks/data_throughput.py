@@ -1,22 +1,29 @@
-"""Decode throughput of the Ray Data pipeline vs (a) the reference pattern and (b) the raw limit.
+"""Decode throughput of the Ray Data pipeline against (a) the authors' pattern and (b) a bare
+loop doing exactly the pipeline's own work, and its memory as the store grows.
 
-(a) reference: a torch DataLoader whose workers handle one file per item the way the authors'
-    scripts do: decode (soundfile: torchaudio.load needs FFmpeg/TorchCodec, absent here),
-    mono, torchaudio.functional.resample to 48 kHz, crop/pad to 10 s, then the checkpoint's
-    transformers ClapFeatureExtractor (METHOD.md: the extractor is the authors' front end);
-    images: PIL + the open_clip transform;
-(b) raw limit: decode + one STFT per clip in a tight loop, one process per core.
-Same files, same cores; each throughput is the median of --repeat timed runs, and the runs of
-(b) alternate with the pipeline's (the machine's speed drifts within minutes). Peak memory of
-the whole process tree (driver + every Ray worker) at 1x and 10x rows, as the sum of PSS: RSS
-would count the object store's shared pages and the shared libraries once per process.
+Two store profiles: `embedded` (the default synthetic store: short clips, small images) and
+`realistic` (`biovita synth --profile realistic`: 5 s - 5 min recordings as MP3/M4A/WAV/FLAC/
+OGG at 22-48 kHz, 1-12 MP JPEG photos). Two paths, each timed on the same files and cores:
+- single_pass (embedding, validate, the benchmark): onset crops, tasks on Ray's workers;
+  reference: a torch DataLoader, one file per item, as the authors' extractor: the whole file
+  loaded, resampled to 48 kHz, onset crop, transformers' ClapFeatureExtractor;
+- stream (training): random crops, decoded on a fixed actor pool under the decode-ahead bound;
+  reference: as the authors' stage-2 loader: the file's info, then a load of only the crop's
+  frames (the whole file where the decoder cannot seek: AAC), resampled, ClapFeatureExtractor.
+Images on both paths: the reference is a full PIL decode + open_clip's transform.
+(b) runs biovita's decode functions (same decoders, windowed decoding, crop, resample,
+log-mel; the same image decode and resize) in a process pool, one process per core; its runs
+alternate with the pipeline's and the ratio is the median of the pairs (this machine's speed
+drifts by 10-20 % within minutes). Each throughput is the median of --repeat runs. Memory: the
+summed PSS of the process tree (driver + every Ray worker) at 1x and --scale x rows.
 
-    python benchmarks/data_throughput.py [--store DIR] [--species 32] [--cpus 2]
+    python benchmarks/data_throughput.py [--profile embedded|realistic] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -25,7 +32,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
 
 class PeakMemory:
     """Samples the summed PSS of this process and its descendants (Ray workers included)."""
@@ -64,64 +70,98 @@ class PeakMemory:
         self.t.join()
 
 
-def ray_audio(root: str, cpus: float) -> tuple[int, float]:
-    from biovita.data.datasets import audio_dataset
-    from biovita.data.decode import AudioDecodeSpec
+# ----------------------------------------------------------------------------- the pipeline
 
-    ds = audio_dataset(root, AudioDecodeSpec(mode="onset", prompts="none", stats_name=None), split=None,
-                       num_cpus=cpus)
+
+def _drain(ds, column: str) -> int:
+    return sum(len(b[column]) for b in ds.select_columns([column]).iter_batches(batch_size=64))
+
+
+def pipeline(root: str, table: str, path: str, cpus: int, ids: list[str]) -> tuple[int, float]:
+    """Rows decoded per second by biovita's Ray Data pipeline on one path."""
+    from biovita.data.datasets import audio_dataset, image_dataset, stream_dataset
+    from biovita.data.decode import AudioDecodeSpec, ImageDecodeSpec
+
     t = time.perf_counter()
-    n = sum(len(b["id"]) for b in ds.iter_batches(batch_size=64))
+    if path == "single_pass":
+        if table == "audio":
+            ds = audio_dataset(root, AudioDecodeSpec(mode="onset", prompts="none", stats_name=None),
+                               split=None, num_cpus=1.0)
+        else:
+            ds = image_dataset(root, ImageDecodeSpec(prompts="none", stats_name=None), split=None, num_cpus=1.0)
+    else:
+        spec = (AudioDecodeSpec(mode="random", prompts="none", stats_name=None) if table == "audio"
+                else ImageDecodeSpec(prompts="none", stats_name=None))
+        ds = stream_dataset(root, table, spec, {0: {i: 1 for i in ids}}, batch_size=16, seed=0,
+                            num_cpus=1.0, decoders=cpus, ahead_mb=512)
+    n = _drain(ds, "id")
     return n, time.perf_counter() - t
 
 
-def ray_images(root: str, cpus: float) -> tuple[int, float]:
-    from biovita.data.datasets import image_dataset
-    from biovita.data.decode import ImageDecodeSpec
+# ----------------------------------------------------------------------------- (a) the authors' pattern
 
-    ds = image_dataset(root, ImageDecodeSpec(prompts="none", stats_name=None), split=None,
-                       num_cpus=cpus)
-    t = time.perf_counter()
-    n = sum(len(b["id"]) for b in ds.iter_batches(batch_size=64))
-    return n, time.perf_counter() - t
+
+def _load(path: str, crop: bool):
+    """The authors' loading: soundfile (PyAV for what libsndfile cannot read); for a crop,
+    the file's info first and then only the crop's frames where the format can seek."""
+    import numpy as np
+    import soundfile as sf
+
+    try:
+        if crop:
+            info = sf.info(path)
+            n = int(10 * info.samplerate)
+            start = int(np.random.randint(0, max(1, info.frames - n + 1)))
+            x, sr = sf.read(path, start=start, frames=n, dtype="float32", always_2d=True)
+            return x.T, sr
+        x, sr = sf.read(path, dtype="float32", always_2d=True)
+        return x.T, sr
+    except Exception:
+        from biovita.frontends.codecs import _av_read
+
+        x, sr = _av_read(Path(path).read_bytes())
+        if crop and x.shape[1] > 10 * sr:
+            s = int(np.random.randint(0, x.shape[1] - 10 * sr))
+            x = x[:, s:s + 10 * sr]
+        return x, sr
 
 
 class RefAudio:
     """torch Dataset: one file per item, decoded the way the authors' scripts do it."""
 
-    def __init__(self, files):
-        self.files = files
-        self.extractor = None
+    def __init__(self, files, crop: bool):
+        self.files, self.crop, self.extractor = files, crop, None
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        import soundfile as sf
+        import numpy as np
         import torch
         import torchaudio
         from transformers import ClapFeatureExtractor
 
+        from biovita.frontends.audio import onset_start
         from biovita.models.registry import CLAP_PREPROCESS
 
         if self.extractor is None:
-            self.extractor = ClapFeatureExtractor(
-                **{k: v for k, v in CLAP_PREPROCESS.items() if k != "max_length_s"})
+            self.extractor = ClapFeatureExtractor(**{k: v for k, v in CLAP_PREPROCESS.items() if k != "max_length_s"})
         try:
-            x, sr = sf.read(self.files[i], dtype="float32", always_2d=True)
+            x, sr = _load(self.files[i], self.crop)
         except Exception:
             return torch.zeros(1, 1001, 64)
-        w = torch.from_numpy(x.T).mean(0)
+        w = torch.from_numpy(np.ascontiguousarray(x)).mean(0)
         if sr != 48000:
             w = torchaudio.functional.resample(w, sr, 48000)
+        if not self.crop:
+            w = w[onset_start(w.numpy(), 48000):]
         w = torch.nn.functional.pad(w, (0, max(0, 480000 - w.shape[0])))[:480000]
         return self.extractor(w.numpy(), sampling_rate=48000, return_tensors="pt")["input_features"][0]
 
 
 class RefImage:
     def __init__(self, files):
-        self.files = files
-        self.tf = None
+        self.files, self.tf = files, None
 
     def __len__(self):
         return len(self.files)
@@ -149,49 +189,67 @@ def reference(dataset, workers: int) -> tuple[int, float]:
     return n, time.perf_counter() - t
 
 
-def _raw_one(path: str) -> int:
-    import soundfile as sf
+# ----------------------------------------------------------------------------- (b) the same work, bare
+
+
+def _same_work(job: tuple[str, str, str]) -> int:
+    """biovita's own decode of one file, outside Ray: what a pipeline could reach at best."""
+    import numpy as np
     import torch
 
+    from biovita.errors import MediaError
+    from biovita.frontends.audio import AudioFrontEnd, load_clip, log_mel
+    from biovita.frontends.image import ImageFrontEnd, load_image
+
     torch.set_num_threads(1)
+    path, table, mode = job
+    data = Path(path).read_bytes()
     try:
-        x, sr = sf.read(path, dtype="float32", always_2d=True)
-    except Exception:
+        if table == "audio":
+            fe = AudioFrontEnd()
+            log_mel(fe)(load_clip(data, fe, mode, np.random.default_rng(0)))
+        else:
+            load_image(data, ImageFrontEnd())
+    except MediaError:
         return 0
-    torch.stft(torch.from_numpy(x.mean(1)), n_fft=1024, hop_length=480,
-               window=torch.hann_window(1024), return_complex=True)
     return 1
 
 
-def raw_limit(files, pool) -> tuple[int, float]:
+def same_work(files: list[str], table: str, path: str, pool) -> tuple[int, float]:
+    mode = "onset" if path == "single_pass" else "random"
     t = time.perf_counter()
-    pool.map(_raw_one, files, chunksize=8)
+    pool.map(_same_work, [(f, table, mode) for f in files], chunksize=2)
     return len(files), time.perf_counter() - t
 
 
-def export_files(root: str, table: str, out: Path) -> list[str]:
+# ----------------------------------------------------------------------------- stores
+
+
+def export_files(root: str, table: str, out: Path) -> tuple[list[str], list[str]]:
+    """The store's media as files (the reference's input) and the ids of the good ones."""
     from biovita.data.store import read_table
 
     out.mkdir(parents=True, exist_ok=True)
-    files = []
+    files, ids = [], []
+    ext = {"jpeg": "jpg"}
     for r in read_table(root, table, ["id", "bytes", "format"]).to_pylist():
-        p = out / f"{r['id']}.{r['format']}"
+        p = out / f"{r['id']}.{ext.get(r['format'], r['format'])}"
         p.write_bytes(r["bytes"])
         files.append(str(p))
-    return files
+        if not r["id"].startswith("bad"):
+            ids.append(r["id"])
+    return files, ids
 
 
 def replicate(root: str, out: Path, times: int) -> None:
     """A store with `times` x the rows (ids made unique) to check that memory stays flat."""
+    import pyarrow.parquet as pq
+
     from biovita.data.store import ShardWriter, table_files
 
-    for table in ("audio", "image", "taxa"):
-        if table == "taxa":
-            shutil.copytree(Path(root) / "taxa", out / "taxa", dirs_exist_ok=True)
-            continue
+    shutil.copytree(Path(root) / "taxa", out / "taxa", dirs_exist_ok=True)
+    for table in ("audio", "image"):
         w = ShardWriter(out, table, rows_per_shard=64)
-        import pyarrow.parquet as pq
-
         for k in range(times):
             for f in table_files(root, table):
                 for r in pq.read_table(f).to_pylist():
@@ -199,75 +257,107 @@ def replicate(root: str, out: Path, times: int) -> None:
         w.close()
 
 
+def make_store(profile: str, out: Path, species: int | None) -> str:
+    if profile == "realistic":
+        from biovita.data.synth_realistic import make_realistic
+
+        make_realistic(out, n_species=species or 12, seed=1, progress=True)
+    else:
+        from biovita.data.synth import make_synthetic
+
+        make_synthetic(out, n_species=species or 32, seed=1)
+    return str(out)
+
+
 def rate(run, repeat: int) -> float:
-    """Items per second: the median of `repeat` timed runs (this machine's speed drifts)."""
+    """Items per second: the median of `repeat` timed runs."""
     return statistics.median(n / t for n, t in (run() for _ in range(repeat)))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def measure_path(path: str, root: str, files: dict, ids: dict, pool, a) -> dict:
+    """Rates and ratios of one path, both tables."""
+    out: dict = {}
+    for table in ("audio", "image"):
+        ref_ds = (RefAudio(files[table], crop=path == "stream") if table == "audio"
+                  else RefImage(files[table]))
+        ref = rate(lambda: reference(ref_ds, a.cpus), a.repeat)
+        pipeline(root, table, path, a.cpus, ids[table])  # warm-up: workers, imports
+        pairs = [(rate(lambda: same_work(files[table], table, path, pool), 1),
+                  rate(lambda: pipeline(root, table, path, a.cpus, ids[table]), 1))
+                 for _ in range(a.repeat)]
+        ours = statistics.median(x for _, x in pairs)
+        out[table] = {"pipeline": ours, "reference": ref, "same_work": statistics.median(b for b, _ in pairs),
+                      "vs_reference": ours / ref, "vs_same_work": statistics.median(b / x for b, x in pairs)}
+    return out
+
+
+def memory_ratio(path: str, root: str, big: str, ids: dict, big_ids: dict, cpus: int) -> float:
+    with PeakMemory() as m1:
+        for table in ("audio", "image"):
+            pipeline(root, table, path, cpus, ids[table])
+    with PeakMemory() as m10:
+        for table in ("audio", "image"):
+            pipeline(big, table, path, cpus, big_ids[table])
+    return m10.peak / m1.peak
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default=None, help="Parquet store (default: a fresh synthetic one)")
-    p.add_argument("--species", type=int, default=32)
+    p.add_argument("--profile", choices=("embedded", "realistic"), default="embedded")
+    p.add_argument("--store", default=None, help="Parquet store (default: a fresh one of the profile)")
+    p.add_argument("--species", type=int, default=None)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
-    p.add_argument("--scale", type=int, default=10)
+    p.add_argument("--scale", type=int, default=10, help="rows multiplier for the memory check")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per path (median)")
+    p.add_argument("--paths", default="single_pass,stream")
+    p.add_argument("--json", default=None, help="write the ratios as JSON")
     a = p.parse_args()
+    import importlib
+
     import ray
 
     tmp = Path(tempfile.mkdtemp(prefix="biovita-bench-"))
-    root = a.store
-    if root is None:
-        from biovita.data.synth import make_synthetic
-
-        root = str(tmp / "store")
-        make_synthetic(root, n_species=a.species, seed=1)
-    audio_files = export_files(root, "audio", tmp / "files_audio")
-    image_files = export_files(root, "image", tmp / "files_image")
-
-    # the reference's workers fork from this process: import their libraries here, once
-    import importlib
-
-    for lib in ("open_clip", "torchaudio", "transformers"):
+    root = a.store or make_store(a.profile, tmp / "store", a.species)
+    files, ids = {}, {}
+    for table in ("audio", "image"):
+        files[table], ids[table] = export_files(root, table, tmp / f"files_{table}")
+    for lib in ("open_clip", "torchaudio", "transformers", "av"):  # the reference's workers fork
         importlib.import_module(lib)
-
-    ref_a = rate(lambda: reference(RefAudio(audio_files), a.cpus), a.repeat)
-    ref_i = rate(lambda: reference(RefImage(image_files), a.cpus), a.repeat)
-    # the raw loop's processes come from a forkserver (safe beside Ray) and stay up, so that
-    # its runs alternate with the pipeline's: the ratio pairs runs made seconds apart
-    pool = mp.get_context("forkserver").Pool(a.cpus)
-    raw_limit(audio_files, pool)  # warm-up: imports
-
+    pool = mp.get_context("forkserver").Pool(a.cpus)  # (b): started before Ray, kept up
+    same_work(files["audio"][:2], "audio", "stream", pool)
     ray.init(num_cpus=a.cpus, object_store_memory=int(1e9), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ray_audio(root, 1.0)  # warm-up: worker processes, imports
-    ray_images(root, 1.0)
-    pairs = [(rate(lambda: raw_limit(audio_files, pool), 1), rate(lambda: ray_audio(root, 1.0), 1))
-             for _ in range(a.repeat)]  # timed without the memory sampler (it reads every smaps)
+    paths = a.paths.split(",")
+    results = {path: measure_path(path, root, files, ids, pool, a) for path in paths}
     pool.close()
-    raw_a = statistics.median(r for r, _ in pairs)
-    ray_a = statistics.median(x for _, x in pairs)
-    raw_ratio = statistics.median(r / x for r, x in pairs)
-    ray_i = rate(lambda: ray_images(root, 1.0), a.repeat)
-    with PeakMemory() as m1:
-        ray_audio(root, 1.0)
-    rss1 = m1.peak
-    big = tmp / "store10x"
+    big = tmp / "store_big"
     replicate(root, big, a.scale)
-    with PeakMemory() as m10:
-        n10, t10 = ray_audio(str(big), 1.0)
-    rss10 = m10.peak
+    big_ids = {t: [f"{i}_{k}" for k in range(a.scale) for i in ids[t]] for t in ids}
+    for path in paths:
+        results[path]["memory_ratio"] = memory_ratio(path, root, str(big), ids, big_ids, a.cpus)
     ray.shutdown()
-
-    print(f"{len(audio_files)} clips, {len(image_files)} images, {a.cpus} CPUs")
-    print(f"{'path':<34}{'clips/s':>10}{'images/s':>10}")
-    print(f"{'Ray Data pipeline (biovita)':<34}{ray_a:>10.1f}{ray_i:>10.1f}")
-    print(f"{'(a) DataLoader, file per item':<34}{ref_a:>10.1f}{ref_i:>10.1f}")
-    print(f"{'(b) raw decode + 1 STFT loop':<34}{raw_a:>10.1f}{'':>10}")
-    print(f"ratio vs (a): audio {ray_a / ref_a:.2f}x, images {ray_i / ref_i:.2f}x   (target >= 3x)")
-    print(f"ratio vs (b): {raw_ratio:.2f}x slower than the raw limit (median of {a.repeat} paired runs: "
-          f"{', '.join(f'{r / x:.2f}' for r, x in pairs)})   (target <= 1.5x)")
-    print(f"peak memory (PSS): 1x rows {rss1 / 2**30:.2f} GiB, {a.scale}x rows ({n10} clips, {n10 / t10:.1f} clips/s) "
-          f"{rss10 / 2**30:.2f} GiB, ratio {rss10 / rss1:.2f}   (target < 1.2)")
+    print(f"profile {a.profile}: {len(files['audio'])} clips, {len(files['image'])} images, {a.cpus} CPUs; "
+          f"median of {a.repeat} runs")
+    report = {}
+    for path, r in results.items():
+        print(f"[{path}]{'':<10}{'pipeline':>10}{'(a) ref':>10}{'(b) same':>10}{'vs (a)':>9}{'(b)/us':>9}")
+        for table in ("audio", "image"):
+            e = r[table]
+            print(f"  {table + ' /s':<16}{e['pipeline']:>10.1f}{e['reference']:>10.1f}{e['same_work']:>10.1f}"
+                  f"{e['vs_reference']:>8.2f}x{e['vs_same_work']:>8.2f}x")
+        print(f"  peak memory (PSS) at {a.scale}x rows / 1x: {r['memory_ratio']:.2f}   "
+              "(targets: vs (a) >= 3x, (b) within 1.25x, memory < 1.2)")
+        report[path] = {"audio_vs_reference": r["audio"]["vs_reference"],
+                        "images_vs_reference": r["image"]["vs_reference"],
+                        "vs_same_work_loop": max(r["audio"]["vs_same_work"], r["image"]["vs_same_work"]),
+                        "memory_ratio": r["memory_ratio"],
+                        "rates": {t: {k: r[t][k] for k in ("pipeline", "reference", "same_work")}
+                                  for t in ("audio", "image")}}
+    if a.json:
+        Path(a.json).write_text(json.dumps({a.profile: report}, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -33,6 +33,7 @@ class DataConfig:
     per_species_min: int = 5  # species with fewer clips are oversampled to this many
     triplets_per_species: int = 20  # stage-2 triplets per species and epoch
     max_image_pixels: int = MAX_IMAGE_PIXELS  # decompression-bomb guard
+    full_size_images: bool = False  # decode JPEGs at full size before resizing (slower, ~exact)
     decode_cpus: float = 0.5  # logical CPUs per decode task (fractional: avoids starving Train)
     # decode workers: a training stream's actor pool, a single pass's tasks in flight;
     # 0 = (cluster CPUs at start - the training workers' CPUs) / decode_cpus

@@ -77,7 +77,7 @@ def test_crop_modes():
 
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty_file"),
-    (b"<html><body>404</body></html>", "undecodable"),
+    (b"<html><body>404</body></html>", "html_page"),  # an error page saved as audio
     (bytes(range(256)) * 10, "undecodable"),
 ])
 def test_bad_audio_raises_with_reason(data, reason):

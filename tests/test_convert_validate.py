@@ -73,8 +73,8 @@ def test_convert_release_layout(release, tmp_path):
                           str(release / "images"), str(out), test_fraction=0.0, workers=1)
     assert rep.written["audio"] == 3 and rep.written["image"] == 2 and rep.written["taxa"] == 2
     assert dict(rep.skipped["csv"]) == {"no_species_name": 1, "missing_file": 1}
-    assert dict(rep.skipped["audio"]) == {"undecodable": 1}
-    assert dict(rep.skipped["image"]) == {"undecodable": 1, "unknown_species_folder": 1}
+    assert dict(rep.skipped["audio"]) == {"html_page": 1}  # an error page saved as audio
+    assert dict(rep.skipped["image"]) == {"not_image": 1, "unknown_species_folder": 1}  # text as .webp
     audio = read_table(out, "audio", ["id", "scientific_name", "species_id", "format", "split"]).to_pylist()
     assert {a["id"] for a in audio} == {"xc_1", "xc_2", "asa_4"}
     assert {a["scientific_name"] for a in audio} == {"Rana temporaria", "Setophaga petechia"}  # accepted wins

@@ -38,7 +38,7 @@ def test_store_contents(synth_store):
     assert all(set(TRAIT_COLUMNS) <= t.keys() for t in taxa)
     for table in ("audio", "image", "taxa"):
         assert check_schema(table, read_schema(root, table)) == []
-    assert manifest["corrupt"]["audio"] == {"undecodable": 3, "empty_file": 1, "non_finite": 1}
+    assert manifest["corrupt"]["audio"] == {"undecodable": 2, "html_page": 1, "empty_file": 1, "non_finite": 1}
     assert sum(manifest["corrupt"]["image"].values()) == len(CORRUPT_IMAGE)
 
 

@@ -69,11 +69,13 @@ def embed(ds, checkpoint: str, modality: str, use_gpu: bool = False, actors: int
 
 
 def eval_specs(checkpoint: str, max_image_pixels: int = MAX_IMAGE_PIXELS,
-               stats_name: str | None = None) -> tuple[AudioDecodeSpec, ImageDecodeSpec]:
+               stats_name: str | None = None, reduced_images: bool = True
+               ) -> tuple[AudioDecodeSpec, ImageDecodeSpec]:
     """Eval decoding of a checkpoint's front ends: onset crop, no prompts."""
     afe, ife = front_ends(checkpoint)
     return (AudioDecodeSpec(afe, mode="onset", prompts="none", stats_name=stats_name),
-            ImageDecodeSpec(ife, max_pixels=max_image_pixels, prompts="none", stats_name=stats_name))
+            ImageDecodeSpec(ife, max_pixels=max_image_pixels, reduced=reduced_images, prompts="none",
+                            stats_name=stats_name))
 
 
 def decode_for_embedding(ds, checkpoint: str, modality: str, max_image_pixels: int = MAX_IMAGE_PIXELS,
@@ -88,9 +90,10 @@ def embed_dataset(
     checkpoint: str, root: str, modality: str, split: str | None = None,
     max_image_pixels: int = MAX_IMAGE_PIXELS, use_gpu: bool = False, actors: int = 1,
     batch_size: int = 32, stats_name: str | None = None, decode_cpus: float = 0.5,
+    reduced_images: bool = True,
 ):
     """{id, species_id, embedding} for one table of a store."""
-    aspec, ispec = eval_specs(checkpoint, max_image_pixels, stats_name)
+    aspec, ispec = eval_specs(checkpoint, max_image_pixels, stats_name, reduced_images)
     ds = (audio_dataset(root, aspec, split, num_cpus=decode_cpus) if modality == "audio" else
           image_dataset(root, ispec, split, num_cpus=decode_cpus))
     return embed(ds, checkpoint, modality, use_gpu, actors, batch_size)

@@ -6,9 +6,14 @@ import json
 
 
 def _synth(a) -> int:
-    from biovita.data.synth import make_synthetic
+    if a.profile == "realistic":
+        from biovita.data.synth_realistic import make_realistic
 
-    m = make_synthetic(a.out, n_species=a.species, seed=a.seed, progress=True)
+        m = make_realistic(a.out, n_species=a.species or 12, seed=a.seed, progress=True)
+    else:
+        from biovita.data.synth import make_synthetic
+
+        m = make_synthetic(a.out, n_species=a.species or 32, seed=a.seed, progress=True)
     print(json.dumps(m, indent=1))
     return 0
 
@@ -36,7 +41,12 @@ def _validate(a) -> int:
 def add_parsers(sub) -> None:
     s = sub.add_parser("synth", help="write the embedded synthetic dataset (Parquet store)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--species", type=int, default=32, help="number of species (default 32)")
+    s.add_argument("--species", type=int, default=None,
+                   help="number of species (default: 32 embedded, 12 realistic)")
+    s.add_argument("--profile", choices=("embedded", "realistic"), default="embedded",
+                   help="embedded: the small default (short clips, small images); realistic: shaped "
+                        "like the release (5 s - 5 min recordings as MP3/M4A/WAV/FLAC/OGG, 1-12 MP "
+                        "JPEG photos with EXIF orientation, the release's damaged files)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_synth)
 

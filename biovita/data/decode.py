@@ -95,6 +95,7 @@ def decode_audio_batch(
 class ImageDecodeSpec:
     front_end: ImageFrontEnd = field(default_factory=ImageFrontEnd)
     max_pixels: int = MAX_IMAGE_PIXELS
+    reduced: bool = True  # large JPEGs decoded at a reduced DCT scale (False: full size)
     seed: int = 0
     epoch: int = 0
     prompts: str = "random"
@@ -110,7 +111,7 @@ def decode_image_batch(batch: dict[str, np.ndarray], spec: ImageDecodeSpec) -> D
         media_id = str(batch["id"][i])
         try:
             if media_id not in done:  # eval preprocessing: every use of an image is the same
-                done[media_id] = load_image(batch["bytes"][i], fe, spec.max_pixels)
+                done[media_id] = load_image(batch["bytes"][i], fe, spec.max_pixels, spec.reduced)
         except MediaError as e:
             bad.append((media_id, e.reason))
             continue

@@ -44,7 +44,7 @@ IMAGE_FORMATS = ("jpeg", "png", "webp")
 CORRUPT_AUDIO = {
     "truncated": "undecodable",
     "random_bytes": "undecodable",
-    "html_as_mp3": "undecodable",
+    "html_as_mp3": "html_page",
     "zero_length": "empty_file",
     "nan_samples": "non_finite",
 }

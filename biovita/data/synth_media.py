@@ -78,13 +78,39 @@ def synth_call(sp: Species, rng: np.random.Generator, sr: int, seconds: float) -
 
 
 def audio_bytes(wave: np.ndarray, sr: int, fmt: str) -> bytes:
+    """A clip encoded as a recorder or a website would: WAV, FLAC, Ogg Vorbis, MP3, M4A/AAC."""
     import soundfile as sf
 
+    if fmt == "m4a":
+        return _aac_bytes(wave, sr)
     buf = io.BytesIO()
     kw = {"wav": dict(format="WAV", subtype="PCM_16"), "flac": dict(format="FLAC"),
           "ogg": dict(format="OGG", subtype="VORBIS"),
           "mp3": dict(format="MP3", subtype="MPEG_LAYER_III")}[fmt]
-    sf.write(buf, np.clip(wave, -1, 1), sr, **kw)
+    x = np.clip(wave, -1, 1)
+    channels = 1 if x.ndim == 1 else x.shape[1]
+    with sf.SoundFile(buf, "w", sr, channels, **kw) as f:
+        for i in range(0, len(x), 1 << 16):  # libsndfile's Vorbis encoder crashed on one
+            f.write(x[i:i + (1 << 16)])      # 60 s stereo write (2.9 M frames)
+    return buf.getvalue()
+
+
+def _aac_bytes(wave: np.ndarray, sr: int) -> bytes:
+    import av
+
+    x = np.clip(np.atleast_2d(wave.T if wave.ndim == 2 else wave), -1, 1).astype(np.float32)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=sr, layout="stereo" if x.shape[0] == 2 else "mono")
+        size = s.codec_context.frame_size or 1024  # the encoder takes whole frames
+        for i in range(0, x.shape[1], size):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i:i + size]), format="fltp",
+                                               layout=s.layout)
+            frame.sample_rate, frame.pts = sr, i
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode(None):
+            c.mux(packet)
     return buf.getvalue()
 
 

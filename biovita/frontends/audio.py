@@ -1,6 +1,6 @@
 """Audio front end: decode -> mono -> 48 kHz -> 10 s crop/pad -> CLAP log-mel.
 
-Pure torch/torchaudio + soundfile (libsndfile: WAV, FLAC, OGG/Vorbis/Opus, MP3); Ray Data
+Pure torch/torchaudio; decoding in `biovita.frontends.codecs` (libsndfile and PyAV). Ray Data
 calls these from `biovita.data.decode`. The log-mel matches transformers'
 `ClapFeatureExtractor` for the same settings (golden test in tests/test_audio.py).
 """
@@ -8,12 +8,12 @@ calls these from `biovita.data.decode`. The log-mel matches transformers'
 from __future__ import annotations
 
 import functools
-import io
 from dataclasses import dataclass
 
 import numpy as np
 
 from biovita.errors import MediaError
+from biovita.frontends.codecs import open_audio
 
 # File name extensions taken for recordings (everything else a file CLI gets is a photo).
 AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac"})
@@ -56,22 +56,18 @@ class AudioFrontEnd:
 
 
 def read_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Encoded bytes -> (channels x samples float32, sample rate). Raises MediaError."""
-    import soundfile as sf
+    """Encoded bytes -> (channels x samples float32, sample rate), the whole clip. Raises
+    MediaError (see `biovita.frontends.codecs.open_audio` for the reasons)."""
+    src = open_audio(data)
+    return _checked(src.read()), src.sample_rate
 
-    if data is None:
-        raise MediaError("missing_file")
-    if len(data) == 0:
-        raise MediaError("empty_file")
-    try:
-        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile raises several types; all mean "cannot decode"
-        raise MediaError("undecodable", str(e)[:200]) from None
-    if wave.size == 0 or sr <= 0:
+
+def _checked(wave: np.ndarray) -> np.ndarray:
+    if wave.size == 0:
         raise MediaError("no_samples")
     if not np.isfinite(wave).all():
         raise MediaError("non_finite")
-    return wave.T, int(sr)  # a view: mono reads it without a copy
+    return wave
 
 
 def to_mono(wave: np.ndarray) -> np.ndarray:
@@ -110,22 +106,39 @@ class Resampler:
         """Length of the whole resampled signal (torchaudio's)."""
         return -(-self.new * n_in // self.orig)
 
-    def __call__(self, x: np.ndarray, start: int = 0, count: int | None = None) -> np.ndarray:
-        """Samples [start, start + count) of resample(x); zeros past its end."""
+    def _window(self, start: int, stop: int) -> tuple[int, int, int]:
+        """(first output block, input window start, input window end) for outputs [start, stop)."""
+        b0, b1 = start // self.new, -(-stop // self.new)  # output blocks covering the span
+        b1 = b0 + -(-(b1 - b0) // self.group) * self.group  # whole groups of blocks
+        return b0, b0 * self.orig - self.width, b1 * self.orig + self.width
+
+    def span(self, start: int, count: int, n_in: int) -> tuple[int, int]:
+        """The input samples [a, b) that outputs [start, start + count) of a clip of `n_in`
+        samples depend on: what a windowed decode has to read."""
+        stop = min(start + count, self.length(n_in))
+        if stop <= start:
+            return 0, 0
+        _, lo, hi = self._window(start, stop)
+        return max(lo, 0), min(hi, n_in)
+
+    def __call__(self, x: np.ndarray, start: int = 0, count: int | None = None,
+                 x_offset: int = 0, n_in: int | None = None) -> np.ndarray:
+        """Samples [start, start + count) of the resampled clip; zeros past its end. `x` holds
+        input samples [x_offset, x_offset + len(x)) of a clip of `n_in` samples (default: all
+        of it), at least `span(start, count, n_in)`."""
         import torch
 
-        total = self.length(len(x))
+        n_in = x_offset + len(x) if n_in is None else n_in
+        total = self.length(n_in)
         count = total - start if count is None else count
         out = np.zeros(count, np.float32)
         stop = min(start + count, total)
         if stop <= start:
             return out
-        b0, b1 = start // self.new, -(-stop // self.new)  # output blocks covering the span
-        b1 = b0 + -(-(b1 - b0) // self.group) * self.group  # whole groups of blocks
-        lo, hi = b0 * self.orig - self.width, b1 * self.orig + self.width  # their input window
+        b0, lo, hi = self._window(start, stop)
         seg = np.zeros(hi - lo, np.float32)
-        a, b = max(lo, 0), min(hi, len(x))
-        seg[a - lo : b - lo] = x[a:b]
+        a, b = max(lo, x_offset, 0), min(hi, x_offset + len(x), n_in)
+        seg[a - lo : b - lo] = x[a - x_offset : b - x_offset]
         with torch.no_grad():
             frames = torch.from_numpy(seg).unfold(0, self.kernel.shape[0], self.group * self.orig)
             y = (frames @ self.kernel).reshape(-1).numpy()  # (b1 - b0) blocks of new' samples
@@ -241,15 +254,47 @@ def load_clip(
 ) -> np.ndarray:
     """Encoded bytes -> one fixed-length mono 48 kHz waveform. Raises MediaError.
 
-    The crop is chosen on the resampled time axis (its length is known without resampling;
-    the onset is found at the native rate) and only the cropped span is resampled."""
-    wave, sr = read_audio(data)
-    mono = to_mono(wave)
-    n = fe.clip_samples
-    if sr == fe.sample_rate:
-        return crop_or_pad(mono, n, mode, sr, rng)
-    r = resampler(sr, fe.sample_rate)
-    onset = 0
+    The crop is chosen on the resampled time axis (its length is known from the header,
+    without decoding), and only the input it needs is decoded (seek, then read) and
+    resampled: a 10 s crop of a 5-minute recording costs about what a 10 s recording does.
+    The onset crop (evaluation) is found against the whole clip's peak, so it decodes the
+    whole clip."""
+    src = open_audio(data)
+    n, sr = fe.clip_samples, src.sample_rate
     if mode == "onset":
-        onset = onset_start(mono, sr) * r.new // r.orig
-    return r(mono, crop_start(r.length(len(mono)), n, mode, onset, rng), n)
+        return load_whole(_checked(src.read()), sr, fe, mode, rng)
+    if sr == fe.sample_rate:
+        start = crop_start(src.frames, n, mode, 0, rng)
+        a, b = start, min(start + n, src.frames)
+    else:
+        r = resampler(sr, fe.sample_rate)
+        start = crop_start(r.length(src.frames), n, mode, 0, rng)
+        a, b = r.span(start, n, src.frames)
+    x = _checked(src.read(a, b - a)) if b > a else _checked(src.read(0, 0))
+    if x.shape[1] < b - a:  # the stream ends before its header says: crop what is there
+        return load_whole(_checked(src.read()), sr, fe, mode, np.random.default_rng([start]))
+    mono = to_mono(x)
+    if sr == fe.sample_rate:
+        out = np.zeros(n, np.float32)
+        out[: len(mono)] = mono
+        return out
+    return r(mono, start, n, x_offset=a, n_in=src.frames)
+
+
+def load_whole(wave: np.ndarray, sr: int, fe: AudioFrontEnd, mode: str,
+               rng: np.random.Generator | None = None, frames: int | None = None) -> np.ndarray:
+    """The crop of a clip decoded whole (channels x samples at `sr`). `frames`: the length a
+    random crop is drawn for (the container's, as `load_clip` draws it; default: the decoded
+    length)."""
+    mono, n = to_mono(wave), fe.clip_samples
+    frames = len(mono) if frames is None else frames
+    if sr == fe.sample_rate:
+        onset = onset_start(mono, sr) if mode == "onset" else 0
+        start = crop_start(frames, n, mode, onset, rng)
+        out = np.zeros(n, np.float32)
+        piece = mono[start:start + n]
+        out[:len(piece)] = piece
+        return out
+    r = resampler(sr, fe.sample_rate)
+    onset = onset_start(mono, sr) * r.new // r.orig if mode == "onset" else 0
+    return r(mono, crop_start(r.length(frames), n, mode, onset, rng), n)

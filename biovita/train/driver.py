@@ -106,7 +106,8 @@ def stage_dataset(cfg: Config, stage: Stage, checkpoint: str, image_emb=None, fi
     plans = {e: p for e, p in enumerate(stage_plans(cfg, stage, emb)) if e >= first_epoch}
     first = stage.epoch_offset(cfg)
     if stage.table == "image":
-        spec = ImageDecodeSpec(ife, d.max_image_pixels, seed, first, prompts=stage.prompts)
+        spec = ImageDecodeSpec(ife, d.max_image_pixels, not d.full_size_images, seed, first,
+                               prompts=stage.prompts)
     else:
         spec = AudioDecodeSpec(afe, "random", seed, first, prompts=stage.prompts)
     # the decode pool gets the CPUs the training workers leave (unless set in the config)
@@ -277,5 +278,6 @@ def image_embeddings(cfg: Config, checkpoint: str):
 
     ds = embed_dataset(checkpoint, cfg.data.root, "image", split="train",
                        max_image_pixels=cfg.data.max_image_pixels, use_gpu=cfg.train.use_gpu,
-                       stats_name=None, decode_cpus=cfg.data.decode_cpus)
+                       stats_name=None, decode_cpus=cfg.data.decode_cpus,
+                       reduced_images=not cfg.data.full_size_images)
     return collect_embeddings(ds)

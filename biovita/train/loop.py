@@ -121,7 +121,8 @@ class LocalIO:
         return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
     def batches(self, batch_size: int, prefetch: int) -> Iterator[dict]:
-        return iter(self._batches)
+        # copies: the loop pops keys, and the baseline pass and training may both read the list
+        return (dict(b) for b in self._batches)
 
     @contextlib.contextmanager
     def checkpoint(self):

@@ -1,0 +1,28 @@
+"""benchmarks/gpu_step.py runs on CPU with the tiny model: every part of its report is there."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_step_script_runs_on_cpu(tmp_path):
+    out = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--model", "tiny",
+                        "--batches", "4,2", "--steps", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["device"] == "cpu"
+    s1, p2 = rep["steps"]
+    assert (s1["stage"], s1["batch"], p2["stage"], p2["batch"]) == ("stage1", 4, "stage2.phase2", 2)
+    for row in (s1, p2):
+        assert row["step_s"] > 0 and row["flops_per_step"] > 0 and row["mfu"] is None
+    assert rep["front_end"]["max_abs_db_difference"] < 1e-2
+    prec = rep["precision"]
+    assert len(prec["bf16"]["atc"]) == len(prec["fp32"]["atc"]) == 3
