@@ -183,6 +183,9 @@ class RefImage:
 def reference(dataset, workers: int) -> tuple[int, float]:
     import torch
 
+    # one item in this process first: its imports and extractor are then inherited by the
+    # forked workers (a fork of this Ray-threaded process can otherwise deadlock on an import lock)
+    dataset[0]
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=workers)
     t = time.perf_counter()
     n = sum(len(b) for b in loader)
