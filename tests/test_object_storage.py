@@ -1,53 +1,11 @@
 """Datasets, checkpoints and MLflow artifacts on s3:// against a real local S3-compatible
-server (moto in server mode, started here). Nothing of pyarrow or Ray is mocked."""
-
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+server (moto in server mode, the `s3` fixture). Nothing of pyarrow or Ray is mocked."""
 
 import pytest
 
 from biovita.data.store import exists, path_exists, read_table, table_files, upload_dir
 
 pytestmark = pytest.mark.slow
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except Exception:
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": url}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="biovita")
-    yield url
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def test_store_on_s3_streams_through_ray_data(s3, ray_local, synth_store):

@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         return module.main(argv[1:], prog=f"biovita {argv[0]}")
     args = build_parser().parse_args(argv)
     from biovita.config import ConfigError
+    from biovita.data.fetch import FetchError
     from biovita.errors import BenchmarkError, MediaError
     from biovita.models.checkpoint import CheckpointError
 
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, BenchmarkError, MediaError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, BenchmarkError, MediaError, CheckpointError, FetchError, FileNotFoundError) as e:
         print(f"biovita {args.cmd}: error: {e}", file=sys.stderr)
         return 2

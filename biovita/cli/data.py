@@ -1,4 +1,4 @@
-"""`biovita synth | convert | validate`: make and check a Parquet media store."""
+"""`biovita synth | convert | fetch | validate`: make and check a Parquet media store."""
 
 from __future__ import annotations
 
@@ -28,6 +28,32 @@ def _convert(a) -> int:
     print(report.summary())
     if a.report:
         report.write(a.report)
+    return 0
+
+
+def _fetch(a) -> int:
+    from biovita.data.fetch import fetch_release
+    from biovita.data.http import FetchPolicy
+    from biovita.frontends.image import MAX_IMAGE_PIXELS
+
+    policy = FetchPolicy(timeout_s=a.timeout, max_attempts=a.max_attempts, backoff_s=a.backoff,
+                         max_bytes=int(a.max_mb * 2**20), host_concurrency=a.host_concurrency,
+                         host_rate=a.host_rate)
+    report = fetch_release(a.clips, a.out, a.images, policy, url_column=a.url_column,
+                           species_column=a.species_column, seed=a.seed,
+                           test_fraction=a.test_fraction, unseen_species=a.unseen_species,
+                           retry_rejected=a.retry_rejected, chunk_rows=a.chunk_rows,
+                           actors=a.actors, threads=a.threads,
+                           max_image_pixels=a.max_image_pixels or MAX_IMAGE_PIXELS,
+                           mlflow_uri=a.mlflow_uri)
+    print(report.summary())
+    if a.report:
+        with open(a.report, "w") as f:
+            json.dump(report.as_dict(), f, indent=1)
+    failed = sum(c.get("failed", 0) for c in report.outcomes.values())
+    if failed:
+        print(f"{failed} file(s) failed for now (timeouts, 5xx, 429): run the same command again "
+              "to retry them", flush=True)
     return 0
 
 
@@ -64,6 +90,46 @@ def add_parsers(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--report", default=None, help="also write the skip report as JSON")
     s.set_defaults(fn=_convert)
+
+    s = sub.add_parser(
+        "fetch", help="download the release's URL lists into a Parquet store (a Ray Data job)",
+        description="Download the release's clip list (train/metadata.csv) and image list "
+        "(train/image_urls.csv) into a Parquet store, on Ray: per-host concurrency and rate "
+        "limits, retries with backoff on timeouts/429/5xx (Retry-After honoured), none on "
+        "403/404/410; every body is decoded before it is written and rejected by reason when it "
+        "is not the media it should be. Re-running fetches only what is missing.",
+        epilog="example:\n  biovita fetch --clips train/metadata.csv --images train/image_urls.csv "
+        "--out s3://bucket/biovita-store --report fetch.json",
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    s.add_argument("--clips", default=None, help="the release's metadata.csv (download_url, source, "
+                   "recording_id, file_name, scientific_name, accepted_name, class, order, family, genus, com)")
+    s.add_argument("--images", default=None, help="the release's image URL list")
+    s.add_argument("--out", required=True, help="output store (folder or s3:// / gs:// URI)")
+    s.add_argument("--url-column", default=None,
+                   help="image list: URL column (default: first of url, image_url, download_url, ...)")
+    s.add_argument("--species-column", default=None,
+                   help="image list: species column (default: accepted_name, else scientific_name, ...)")
+    s.add_argument("--retry-rejected", action="store_true",
+                   help="also retry rows rejected by an earlier run (404, HTML page, undecodable, ...)")
+    g = s.add_argument_group("politeness and limits")
+    g.add_argument("--host-concurrency", type=int, default=4, help="requests in flight per host (cluster-wide)")
+    g.add_argument("--host-rate", type=float, default=5.0, help="requests started per second per host")
+    g.add_argument("--timeout", type=float, default=30.0, help="seconds to connect and per read")
+    g.add_argument("--max-attempts", type=int, default=4, help="requests per URL in one run")
+    g.add_argument("--backoff", type=float, default=1.0, help="first retry's longest wait (doubles)")
+    g.add_argument("--max-mb", type=float, default=100.0, help="larger bodies are rejected")
+    g.add_argument("--max-image-pixels", type=int, default=None, help="decompression-bomb guard")
+    g = s.add_argument_group("job")
+    g.add_argument("--actors", type=int, default=4, help="fetcher actors (1 CPU each)")
+    g.add_argument("--threads", type=int, default=8, help="download threads per actor")
+    g.add_argument("--chunk-rows", type=int, default=32, help="rows per written shard")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="share of media held out for test")
+    g.add_argument("--unseen-species", default=None, help="text file of species held out of training")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--report", default=None, help="also write the counts as JSON")
+    g.add_argument("--mlflow-uri", default=None,
+                   help="log a fetch run there (default: $MLFLOW_TRACKING_URI when set)")
+    s.set_defaults(fn=_fetch)
 
     s = sub.add_parser("validate", help="schema check + full decode pass of a store (on Ray Data)")
     s.add_argument("root", help="store folder or URI")

@@ -88,14 +88,7 @@ class ShardWriter:
         if not self.buffer and self.paths:
             return
         path = f"{self.base}/part-{len(self.paths):05d}.parquet"
-        # encoded media do not compress: storing `bytes` plain saves a decompression per read.
-        codecs = {f.name: "none" if f.name == "bytes" else "zstd" for f in self.schema}
-        with pq.ParquetWriter(path, self.schema, filesystem=self.fs, compression=codecs) as w:
-            for group in _row_groups(self.buffer):
-                tbl = pa.Table.from_pylist(group, schema=self.schema)
-                w.write_table(tbl, row_group_size=len(group))
-            if not self.buffer:
-                w.write_table(pa.Table.from_pylist([], schema=self.schema))
+        write_part(self.fs, path, self.schema, self.buffer)
         self.paths.append(path)
         self.buffer = []
 
@@ -103,6 +96,25 @@ class ShardWriter:
         if self.buffer or not self.paths:  # an empty table still gets one (empty) shard
             self.flush()
         return self.paths
+
+
+def write_part(fs: pafs.FileSystem, path: str, schema: pa.Schema, rows: list[dict],
+               atomic: bool = False) -> None:
+    """One Parquet shard of the store's layout. `atomic`: readers see the whole file or none
+    (a local file is written beside and renamed; an object-store PUT is atomic already)."""
+    target = path
+    if atomic and isinstance(fs, pafs.LocalFileSystem):
+        head, _, name = path.rpartition("/")
+        path = f"{head}/.{name}.tmp"  # not *.parquet: never listed as a shard
+    # encoded media do not compress: storing `bytes` plain saves a decompression per read.
+    codecs = {f.name: "none" if f.name == "bytes" else "zstd" for f in schema}
+    with pq.ParquetWriter(path, schema, filesystem=fs, compression=codecs) as w:
+        for group in _row_groups(rows):
+            w.write_table(pa.Table.from_pylist(group, schema=schema), row_group_size=len(group))
+        if not rows:
+            w.write_table(pa.Table.from_pylist([], schema=schema))
+    if path != target:
+        fs.move(path, target)
 
 
 def _row_groups(rows: list[dict]) -> Iterable[list[dict]]:
