@@ -18,7 +18,6 @@ from typing import Sequence
 import numpy as np
 
 from biovita.errors import MediaError
-from biovita.frontends.audio import AUDIO_EXTS
 TAXON_FIELDS = ("class", "order", "family", "genus", "scientific_name", "common_name")
 
 
@@ -95,28 +94,64 @@ class Predictor:
         return Path.home() / ".cache" / "biovita" / "labels" / key
 
     # -- media -----------------------------------------------------------------------------
-    def embed_file(self, path: str | Path) -> tuple[str, np.ndarray]:
+    def decode(self, data: bytes, max_pixels: int | None = None) -> tuple[str, np.ndarray]:
+        """(modality, model input: log-mel or uint8 pixels) of an encoded recording or photo;
+        the modality comes from the bytes (what a file is called can lie). MediaError when
+        the bytes are neither, or do not decode."""
+        from biovita.frontends.audio import load_clip, log_mel
+        from biovita.frontends.image import MAX_IMAGE_PIXELS, load_image
+        from biovita.frontends.sniff import AUDIO_KINDS, IMAGE_KINDS, sniff
+
+        kind = sniff(data)
+        if kind in ("empty", "html"):
+            raise MediaError("empty_file" if kind == "empty" else "html_page")
+        if kind not in AUDIO_KINDS and kind not in IMAGE_KINDS:
+            raise MediaError("not_media", f"neither a recording nor a photo ({kind})")
+        if kind in AUDIO_KINDS:
+            fe = self.model.audio_front_end
+            return "audio", log_mel(fe)(load_clip(data, fe, "onset"))[0].numpy()
+        return "image", load_image(data, self.model.image_front_end, max_pixels or MAX_IMAGE_PIXELS)
+
+    def encode(self, modality: str, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """L2-normalised embeddings (n x d) of decoded inputs of one modality, one forward."""
         import torch
 
-        from biovita.frontends.audio import load_clip, log_mel
-        from biovita.frontends.image import load_image
-
-        data = Path(path).read_bytes()
+        x = torch.from_numpy(np.stack(inputs))
         with torch.no_grad():
-            if Path(path).suffix.lower() in AUDIO_EXTS:
-                fe = self.model.audio_front_end
-                mel = log_mel(fe)(load_clip(data, fe, "onset"))
-                return "audio", self.model.encode_audio(mel)[0].numpy()
-            px = torch.from_numpy(load_image(data, self.model.image_front_end))[None]
-            return "image", self.model.encode_image(px)[0].numpy()
+            out = self.model.encode_audio(x) if modality == "audio" else self.model.encode_image(x)
+        return out.float().numpy()
+
+    def embed_bytes(self, data: bytes, max_pixels: int | None = None) -> tuple[str, np.ndarray]:
+        modality, x = self.decode(data, max_pixels)
+        return modality, self.encode(modality, [x])[0]
+
+    def embed_file(self, path: str | Path) -> tuple[str, np.ndarray]:
+        return self.embed_bytes(Path(path).read_bytes())
+
+    def scale(self, modality: str) -> float:
+        """The logit scale the model was trained with for this modality against text."""
+        import torch
+
+        with torch.no_grad():
+            scales = self.model.logit_scales()
+        return float(scales["model" if modality == "audio" else "clip"])
+
+    def rank(self, modality: str, v: np.ndarray, rank: str | Rank = Rank.SPECIES, k: int = 5) -> list[dict]:
+        """The `k` best taxa at `rank` for an embedding: taxonomy, cosine `score` and
+        `probability` (softmax over every taxon of the label set at the model's logit scale,
+        as pybioclip reports it)."""
+        labels, emb = self.labels(Rank(rank).value)
+        sims = emb @ v
+        z = self.scale(modality) * (sims - sims.max())
+        probs = np.exp(z) / np.exp(z).sum()
+        return [{"rank": pos + 1, **labels[i], "score": float(sims[i]), "probability": float(probs[i])}
+                for pos, i in enumerate(np.argsort(-sims)[:k])]
 
     def predict(self, paths: Sequence[str | Path] | str, rank: str | Rank = Rank.SPECIES,
                 k: int = 5) -> list[dict]:
-        """One dict per (file, candidate), best first: taxonomy, score, rank position."""
-        rank = Rank(rank).value
+        """One dict per (file, candidate), best first: taxonomy, score, probability."""
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        labels, emb = self.labels(rank)
         rows = []
         for p in paths:
             try:
@@ -124,10 +159,7 @@ class Predictor:
             except MediaError as e:
                 print(f"{p}: skipped ({e.reason})", file=sys.stderr)
                 continue
-            sims = emb @ v
-            for pos, i in enumerate(np.argsort(-sims)[:k]):
-                rows.append({"file": str(p), "modality": modality, "rank": pos + 1, **labels[i],
-                             "score": float(sims[i])})
+            rows += [{"file": str(p), "modality": modality, **r} for r in self.rank(modality, v, rank, k)]
         return rows
 
     @staticmethod
@@ -141,9 +173,10 @@ class Predictor:
             w.writeheader()
             w.writerows(rows)
             return
-        widths = {c: max(len(c), *(len(f"{r[c]:.4f}" if c == "score" else str(r[c])) for r in rows))
-                  for c in cols}
+        def cell(r, c):
+            return f"{r[c]:.4f}" if c in ("score", "probability") else str(r[c])
+
+        widths = {c: max(len(c), *(len(cell(r, c)) for r in rows)) for c in cols}
         print("  ".join(c.ljust(widths[c]) for c in cols), file=out)
         for r in rows:
-            print("  ".join((f"{r[c]:.4f}" if c == "score" else str(r[c])).ljust(widths[c])
-                            for c in cols), file=out)
+            print("  ".join(cell(r, c).ljust(widths[c]) for c in cols), file=out)

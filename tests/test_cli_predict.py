@@ -61,6 +61,13 @@ def test_predictor_ranks_taxa_and_caches_labels(tiny_checkpoint, media_files, ta
         assert [r["rank"] for r in mine] == [1, 2, 3]
         assert mine[0]["score"] >= mine[1]["score"] >= mine[2]["score"]
         assert all(r["genus"] in {t["genus"] for t in taxa} for r in mine)
+        # softmax over every genus at the model's logit scale: ordered as the scores, <= 1 in all
+        probs = [r["probability"] for r in mine]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    modality, v = p.embed_file(media_files[0])
+    full = p.rank(modality, v, "genus", k=100)
+    assert len(full) == len({t["genus"] for t in taxa})
+    assert sum(r["probability"] for r in full) == pytest.approx(1.0, abs=1e-5)
     assert any(Path(tiny_checkpoint).glob("labels_genus_*.npy"))  # cached next to the checkpoint
     buf = io.StringIO()
     biovita.Predictor.print_rows(rows, "csv", out=buf)
@@ -74,3 +81,4 @@ def test_predict_cli_table(tiny_checkpoint, media_files, taxa_csv):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["file", "modality", "rank"] and len(lines) == 3
+    assert lines[0].split()[-2:] == ["score", "probability"]

@@ -64,3 +64,22 @@ def test_kuberay_manifests_have_required_fields():
     env = yaml.safe_load(s["runtimeEnvYAML"])
     assert "working_dir" in env and any(p.startswith("deepspeed==") for p in env["pip"])
     _check_cluster_spec(s["rayClusterSpec"])
+
+
+def test_rayservice_manifest_is_a_valid_serve_config():
+    """The RayService's serveConfigV2 passes Serve's own schema, and its args build a
+    ServeConfig (an unknown key would fail at deploy time on the cluster)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from biovita.serve.app import ServeConfig
+    from biovita.structured import build
+
+    svc = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    app = serve_cfg.applications[0]
+    assert app.import_path == "biovita.serve.app:app_builder"
+    cfg = build(ServeConfig, app.args)
+    assert cfg.autoscaling.max_replicas == 8 and cfg.gpus_per_replica == 1
+    groups = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert groups[0]["minReplicas"] <= groups[0]["replicas"] <= groups[0]["maxReplicas"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from biovita.cli import bench, data, models
+from biovita.cli import bench, data, models, serve
 
 # Commands that hand their arguments to an application's own parser (`--help` included).
 PASS_THROUGH = {
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (text, _) in PASS_THROUGH.items():
         sub.add_parser(name, help=text, add_help=False)
     bench.add_parsers(sub)
+    serve.add_parsers(sub)
     return p
 
 
