@@ -130,6 +130,9 @@ class MlflowConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite in the working directory
     experiment: str = "biovita"
     enabled: bool = True
+    register_model: str = "biovita"  # the final model is logged as an MLflow model and registered
+    # under this name with its benchmark metrics ("" = logged, not registered)
+    system_metrics: bool = True  # CPU/memory/disk/network/GPU per run (MLflow's system/...)
 
 
 @dataclass

@@ -98,3 +98,25 @@ def s3(tmp_path_factory):
             os.environ[k] = v
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def chromium():
+    """Headless Chromium driven by selenium, with Debian's chromium and chromium-driver
+    (.ci/run installs them); skipped where they are missing."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_bin = shutil.which("chromedriver")
+    browser_bin = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not driver_bin or not browser_bin:
+        pytest.skip("Chromium and its driver are not installed (.ci/run installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser_bin
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1400"):
+        opts.add_argument(a)
+    browser = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    yield browser
+    browser.quit()

@@ -91,5 +91,10 @@ def test_ray_job_submit_main_job(synth_store, tmp_path):
     p = parents[0].data
     assert "git_commit" in p.params and "dataset_fingerprint" in p.params and "train.zero_stage" in p.params
     assert "bench_stage2/species/A2T/top1" in p.metrics
+    assert [d.dataset.name for d in parents[0].inputs.dataset_inputs] == [Path(root).name]
+    assert any(k.startswith("system/") for k in p.metrics)
+    mv = client.get_model_version("biovita", "1")  # the final model, registered with its scores
+    assert mv.run_id == parents[0].info.run_id and "bench_species_avg_top1" in mv.tags
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "bench_stage2")}
     assert any(a.endswith("_heatmap.png") for a in arts)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import socket
 import time
 import urllib.error
@@ -108,22 +107,7 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(served):
     assert status == 200 and res["modality"] == "image" and len(res["taxa"]) == 2
 
 
-def _browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    driver_bin = shutil.which("chromedriver")
-    browser_bin = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not driver_bin or not browser_bin:
-        pytest.skip("Chromium and its driver are not installed (.ci/run installs them)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser_bin
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1400"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(driver_bin), options=opts)
-
-
-def test_page_in_headless_chromium_shows_what_predict_ranks(served):
+def test_page_in_headless_chromium_shows_what_predict_ranks(served, chromium):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -132,38 +116,31 @@ def test_page_in_headless_chromium_shows_what_predict_ranks(served):
     url, ckpt, pick, _ = served
     predictor = Predictor(ckpt)
     ARTIFACTS.mkdir(exist_ok=True)
-    browser = _browser()
-    try:
-        browser.get(url)
-        assert "biovita" in browser.title
-        for table in ("audio", "image"):
-            path = pick[table]
-            Select(browser.find_element(By.ID, "rank")).select_by_visible_text("species")
-            browser.execute_script("document.getElementById('status').textContent = 'ready'")
-            browser.find_element(By.ID, "file").send_keys(str(path))  # as a user picks a file
-            WebDriverWait(browser, 120).until(
-                lambda b: b.find_element(By.ID, "status").text in ("done", "failed"))
-            assert browser.find_element(By.ID, "status").text == "done", \
-                browser.find_element(By.ID, "error").text
-            shown = [r.get_attribute("data-name") for r in browser.find_elements(By.CSS_SELECTOR, "#taxa tr.taxon")]
-            want = [r["scientific_name"] for r in predictor.predict([str(path)], rank="species", k=5)]
-            assert shown == want
-            assert browser.find_elements(By.CSS_SELECTOR, "#audio audio")  # playable recordings
-            assert browser.find_elements(By.CSS_SELECTOR, "#image img")  # thumbnails
-            browser.save_screenshot(str(ARTIFACTS / f"serve_page_{table}.png"))
-            browser.get(url)  # a fresh page for the next file
-        # the thumbnails really load from /media
-        loaded = browser.execute_script(
-            "return Array.from(document.querySelectorAll('#image img')).length")
-        assert loaded == 0  # (fresh page) ...
-        browser.find_element(By.ID, "text").send_keys("Aves\n")
-        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "status").text == "done")
-        deadline = time.time() + 30
-        while time.time() < deadline and not browser.execute_script(
-                "return Array.from(document.querySelectorAll('#image img')).every(i => i.complete && i.naturalWidth > 0)"):
-            time.sleep(0.5)
-        assert browser.execute_script(
-            "return Array.from(document.querySelectorAll('#image img')).every(i => i.naturalWidth > 0)")
-        browser.save_screenshot(str(ARTIFACTS / "serve_page_text.png"))
-    finally:
-        browser.quit()
+    browser = chromium
+    browser.get(url)
+    assert "biovita" in browser.title
+    for table in ("audio", "image"):
+        path = pick[table]
+        Select(browser.find_element(By.ID, "rank")).select_by_visible_text("species")
+        browser.find_element(By.ID, "file").send_keys(str(path))  # as a user picks a file
+        WebDriverWait(browser, 120).until(
+            lambda b: b.find_element(By.ID, "status").text in ("done", "failed"))
+        assert browser.find_element(By.ID, "status").text == "done", \
+            browser.find_element(By.ID, "error").text
+        shown = [r.get_attribute("data-name") for r in browser.find_elements(By.CSS_SELECTOR, "#taxa tr.taxon")]
+        want = [r["scientific_name"] for r in predictor.predict([str(path)], rank="species", k=5)]
+        assert shown == want
+        assert browser.find_elements(By.CSS_SELECTOR, "#audio audio")  # playable recordings
+        assert browser.find_elements(By.CSS_SELECTOR, "#image img")  # thumbnails
+        browser.save_screenshot(str(ARTIFACTS / f"serve_page_{table}.png"))
+        browser.get(url)  # a fresh page for the next file
+    # a typed name: the nearest photos, whose thumbnails really load from /media
+    browser.find_element(By.ID, "text").send_keys("Aves\n")
+    WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "status").text == "done")
+    deadline = time.time() + 30
+    while time.time() < deadline and not browser.execute_script(
+            "return Array.from(document.querySelectorAll('#image img')).every(i => i.complete && i.naturalWidth > 0)"):
+        time.sleep(0.5)
+    assert browser.execute_script(
+        "return Array.from(document.querySelectorAll('#image img')).every(i => i.naturalWidth > 0)")
+    browser.save_screenshot(str(ARTIFACTS / "serve_page_text.png"))

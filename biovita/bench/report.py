@@ -113,4 +113,7 @@ def write_results(result: dict, out_json: str | Path, logger=None, prefix: str =
         logger.metrics(metrics, step=0)
         for f in files:
             logger.artifact(f, prefix)
+        logger.table([{"direction": c, "level": lvl, **{f"top{k}": result[lvl][c][f"top{k}"] for k in (1, 5, 10)},
+                       "n": result[lvl][c]["n"]} for lvl in LEVELS for c in ORDER],
+                     f"{prefix}/results_table.json")
     return files

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -62,13 +63,19 @@ def run(cfg, bench: bool = True) -> str | None:
     init_ray(num_cpus=2 * (os.cpu_count() or 1), object_store_memory=int(1e9))
     configure_output()
     tracker = Tracker.for_job(cfg)
+    monitor = contextlib.nullcontext()
     if tracker.parent:
+        fingerprint = dataset_fingerprint(cfg.data.root)
         tracker.parent.params({**cfg.flat(), "git_commit": git_commit(),
-                               "dataset_fingerprint": dataset_fingerprint(cfg.data.root)})
+                               "dataset_fingerprint": fingerprint})
+        tracker.record_store(cfg.data.root, fingerprint)
+        if cfg.mlflow.system_metrics:
+            monitor = tracker.parent.system_metrics()
     try:
-        media_stats().reset.remote()
-        models = run_chain(cfg, tracker, stages_to_run(cfg), save_init(cfg))
-        out = run_benchmarks(cfg, models, tracker) if bench else None
+        with monitor:
+            media_stats().reset.remote()
+            models = run_chain(cfg, tracker, stages_to_run(cfg), save_init(cfg))
+            out = run_benchmarks(cfg, models, tracker) if bench else None
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -76,6 +83,11 @@ def run(cfg, bench: bool = True) -> str | None:
         tracker.parent.metrics({"job_seconds": time.time() - t0}, step=0)
     tracker.end()
     print(f"total time {time.time() - t0:.0f} s; run dir {run_dir(cfg)}")
+    if tracker.parent:
+        from biovita.train.tracking import experiment_link
+
+        print(f"MLflow: mlflow ui --backend-store-uri {tracker.uri}, then "
+              f"http://127.0.0.1:5000{experiment_link(tracker.experiment)}", flush=True)
     return out
 
 
@@ -105,4 +117,13 @@ def run_benchmarks(cfg, models: dict[str, str], tracker) -> str:
     out.write_text(json.dumps(result, indent=1))
     if tracker.parent:
         tracker.parent.artifact(out, "bench")
+        from biovita.bench.report import mean_top1
+        from biovita.models.mlflow_model import log_model
+
+        summary = {f"bench_{lvl}_avg_top1": mean_top1(scored[final_stage], lvl)
+                   for lvl in ("species", "genus", "family")}
+        version = log_model(tracker.parent.run_id, tracker.uri, models[final_stage], summary,
+                            register=cfg.mlflow.register_model or None)
+        print(f"MLflow model: {getattr(version, 'name', 'model')} version "
+              f"{getattr(version, 'version', '-')} (run {tracker.parent.run_id})", flush=True)
     return str(out)

@@ -145,7 +145,11 @@ class LocalIO:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point: `train_loop_config={"job": StageJob(...)}`."""
-    StageRun(config["job"], RayTrainIO()).run()
+    run = StageRun(config["job"], RayTrainIO())
+    # the training node's own CPU/GPU use, into the stage's run (rank 0 only)
+    with (run.logger.system_metrics() if run.logger and run.cfg.mlflow.system_metrics
+          else contextlib.nullcontext()):
+        run.run()
 
 
 class StageRun:

@@ -6,6 +6,7 @@ any worker can log into them; a resumed job finds its unfinished parent run by n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -31,16 +32,29 @@ def resolve_tracking_uri(uri: str = "") -> str:
     return uri
 
 
+# MLflow 3 opens an experiment on the GenAI traces overview unless it is marked as model training
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def experiment_link(exp_id: str) -> str:
+    """The UI's path to an experiment's training runs (MLflow 3.17's UI opens on its GenAI
+    overview unless the link names the model-training workflow)."""
+    return f"/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND[0]) is None:
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:"):
         # a relative default artifact root would resolve inside each Ray worker's directory
         db = Path(uri[len("sqlite:///"):])
         artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags=dict([EXPERIMENT_KIND]))
 
 
 def git_commit() -> str:
@@ -118,6 +132,38 @@ class RunLogger:
         else:
             self.client.log_artifact(self.run_id, str(p), subdir)
 
+    @contextlib.contextmanager
+    def system_metrics(self, interval_s: float = 10.0):
+        """This machine's CPU, memory, disk, network and (with pynvml) GPU use, logged into
+        the run as MLflow's `system/...` metrics while the block runs."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    def dataset(self, store: str, digest: str, context: str = "training") -> None:
+        """The store the run read, as an MLflow dataset input (the runs table's Dataset)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        uri = store if "://" in str(store) else str(Path(store).resolve())
+        ds = MetaDataset(resolve_dataset_source(uri), name=Path(str(store).rstrip("/")).name or str(store),
+                         digest=digest[:36] or None)
+        self.client.log_inputs(self.run_id, [DatasetInput(ds._to_mlflow_entity(),
+                                                          [InputTag("mlflow.data.context", context)])])
+
+    def table(self, rows: list[dict], artifact_file: str) -> None:
+        """Rows as an MLflow table artifact (shown and compared in the UI's Evaluation view)."""
+        import pandas as pd
+
+        self.client.log_table(self.run_id, pd.DataFrame(rows), artifact_file)
+
     def end(self, status: str = "FINISHED") -> None:
         if self.owned or status != "FINISHED":
             self.client.set_terminated(self.run_id, status=status)
@@ -139,6 +185,7 @@ class Tracker:
         self.uri = resolve_tracking_uri(mlflow_cfg.tracking_uri)
         self.per_stage = per_stage
         self.parent: RunLogger | None = None
+        self.store: tuple[str, str] | None = None  # (store, digest) each run records as its input
         if not self.enabled:
             return
         self.client = MlflowClient(self.uri)
@@ -152,6 +199,12 @@ class Tracker:
         name = cfg.train.run_name
         return cls(cfg.mlflow, name, {TAG_RUN_NAME: name, "biovita.kind": "job"})
 
+    def record_store(self, store: str, digest: str) -> None:
+        """The store every run of this tracker reads, logged as each run's dataset input."""
+        self.store = (str(store), digest)
+        if self.parent:
+            self.parent.dataset(*self.store)
+
     def child(self, stage: str) -> RunLogger | None:
         if not self.enabled:
             return None
@@ -159,7 +212,10 @@ class Tracker:
             return RunLogger(self.uri, self.parent.run_id, owned=False)
         rid = find_or_create_run(self.client, self.experiment, stage, {TAG_STAGE: stage},
                                  parent_id=self.parent.run_id)
-        return RunLogger(self.uri, rid)
+        child = RunLogger(self.uri, rid)
+        if self.store:
+            child.dataset(*self.store)
+        return child
 
     def end(self, status: str = "FINISHED") -> None:
         if self.parent:
