@@ -159,6 +159,9 @@ def store_dataset(root: str, table: str, spec, split: str | None = None,
              for task in decode_tasks(select_row_groups(groups, split, None, order_seed), decoders)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     shorten_completion_wait()  # the driver's executor runs a single pass
+    # the pool size bounds the decoders; Ray's per-operator reservation would hold one of two
+    # CPUs back (measured on the realistic store: 1.0 task at a time, 10.7 -> 18.9 clips/s)
+    ds.context.op_resource_reservation_enabled = False
     return ds.map_batches(_read_then_decode, fn_kwargs={"fs": fs, "table": table, "split": split,
                                                        "spec": spec},
                           batch_size=1, batch_format="numpy",
