@@ -17,8 +17,6 @@ downloaded into a Parquet store by a Ray Data job.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import os
 import random
@@ -30,132 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from biovita.data.convert import ConvertReport, Splits, release_rows, species_ids, write_taxa
+from biovita.data.convert import ConvertReport, Splits, species_ids, write_taxa
+from biovita.data.fetch_plan import LEDGER, FetchError, Item, dedupe, plan_clips, plan_images, store_state
 from biovita.data.http import Download, FetchPolicy, HostSchedule, download
 from biovita.data.schema import SCHEMAS
-from biovita.data.store import filesystem, table_files, table_uri, write_part
+from biovita.data.store import filesystem, write_part
 from biovita.frontends.image import MAX_IMAGE_PIXELS
 from biovita.frontends.sniff import sniff
-from biovita.taxonomy import RANKS, folder_name, species_key
 
-IMAGE_URL_COLUMNS = ("url", "image_url", "download_url", "photo_url", "identifier")
-IMAGE_SPECIES_COLUMNS = ("accepted_name", "scientific_name", "species", "taxon_name")
-IMAGE_ID_COLUMNS = ("image_id", "photo_id", "id", "file_name")
-LEDGER = "_fetch"
 FORMATS = {"mp4": "m4a"}  # sniffed container -> the store's `format`
-
-
-class FetchError(ValueError):
-    """A URL list that cannot be fetched as given (raised before any download starts)."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One row to download: where it goes in the store and what it is."""
-
-    table: str  # "audio" | "image"
-    id: str
-    url: str
-    key: str  # species key
-    source: str = ""
-    recording_id: str = ""
-
-
-# ----------------------------------------------------------------------------- planning
-
-
-def pick_column(found: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
-                path: str) -> str:
-    """`wanted` when given (must exist), else the first candidate present; the error lists
-    the columns the file has."""
-    options = (wanted,) if wanted else candidates
-    for c in options:
-        if c in found:
-            return c
-    raise FetchError(f"{path}: no {what} column (looked for {', '.join(options)}; "
-                     f"the file has: {', '.join(found) or 'no header'}); name it with the option")
-
-
-def plan_clips(csv_path: str, report: ConvertReport) -> tuple[list[Item], dict[str, dict]]:
-    """The clip list (the release's metadata.csv): items and the taxa they name."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    pick_column(header, "download_url", (), "download_url", csv_path)
-    items, taxa = [], {}
-    for n, r, row in release_rows(csv_path, report):
-        url = (r.get("download_url") or "").strip()
-        if not url:
-            report.skip("csv", "no_url", f"clips row {n}")
-            continue
-        taxa.setdefault(row.key, row.taxonomy)
-        items.append(Item("audio", row.media_id, url, row.key, row.source, row.recording_id))
-    return items, taxa
-
-
-def plan_images(csv_path: str, taxa: dict[str, dict], report: ConvertReport,
-                url_column: str | None = None, species_column: str | None = None) -> list[Item]:
-    """The image list: each row's species by the release's key (first two words of the
-    name, lower-cased). A species the clip list does not name is added when the row has its
-    ranks (class, order, family, genus), else the row is counted under `unknown_species`."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        found = list(reader.fieldnames or [])
-        url_col = pick_column(found, url_column, IMAGE_URL_COLUMNS, "image URL", csv_path)
-        sp_col = pick_column(found, species_column, IMAGE_SPECIES_COLUMNS, "species name", csv_path)
-        id_col = next((c for c in IMAGE_ID_COLUMNS if c in found and c != url_col), None)
-        rows = list(reader)
-    ranks = all(c in found for c in RANKS[:-1])
-    items = []
-    for n, r in enumerate(rows, start=2):
-        url = (r.get(url_col) or "").strip()
-        # accepted_name wins over scientific_name, as in the clip list
-        if sp_col in ("accepted_name", "scientific_name"):
-            name = (r.get("accepted_name") or "").strip() or (r.get("scientific_name") or "").strip()
-        else:
-            name = (r.get(sp_col) or "").strip()
-        key = species_key(name, None)
-        if not url or not key:
-            report.skip("csv", "no_url" if not url else "no_species_name", f"images row {n}")
-            continue
-        if key not in taxa:
-            if not ranks:
-                report.skip("csv", "unknown_species", f"images row {n}: {key}")
-                continue
-            words = " ".join(name.split()[:2])
-            taxa[key] = {**{c: r[c] for c in RANKS[:-1]}, "scientific_name": words,
-                         "common_name": r.get("com") or r.get("common_name") or ""}
-        stem = Path((r.get(id_col) or "").strip()).stem if id_col else ""
-        stem = stem or hashlib.sha1(url.encode()).hexdigest()[:16]
-        items.append(Item("image", f"img_{folder_name(key)}_{stem}", url, key))
-    return items
-
-
-def dedupe(items: list[Item], report: ConvertReport) -> list[Item]:
-    seen, out = set(), []
-    for it in items:
-        if (it.table, it.id) in seen:
-            report.skip("csv", "duplicate_id", f"{it.table} {it.id}")
-            continue
-        seen.add((it.table, it.id))
-        out.append(it)
-    return out
-
-
-def store_state(out: str) -> tuple[dict[str, set[str]], dict[str, str]]:
-    """(ids written per table, {id: reason} of rows rejected by earlier runs)."""
-    import pyarrow.parquet as pq
-
-    done = {}
-    for table in ("audio", "image"):
-        fs, _ = filesystem(table_uri(out, table))
-        done[table] = {i for f in table_files(out, table)
-                       for i in pq.read_table(f, columns=["id"], filesystem=fs)["id"].to_pylist()}
-    rejected = {}
-    fs, _ = filesystem(table_uri(out, LEDGER))
-    for f in table_files(out, f"{LEDGER}/rejected"):
-        t = pq.read_table(f, columns=["id", "reason"], filesystem=fs)
-        rejected.update(zip(t["id"].to_pylist(), t["reason"].to_pylist()))
-    return done, rejected
 
 
 # ----------------------------------------------------------------------------- the workers

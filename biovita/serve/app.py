@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
 
 from biovita.errors import MediaError
 from biovita.predict import Rank
@@ -70,114 +73,101 @@ def page() -> str:
     return resources.files("biovita.serve").joinpath("page.html").read_text()
 
 
-def _make_api():
-    """The FastAPI routes and the Serve deployment around them (module level: Serve pickles
-    the class by reference)."""
-    from fastapi import FastAPI, File, Form, Request, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from ray import serve
+api = FastAPI(title="biovita", description=__doc__)
 
-    api = FastAPI(title="biovita", description=__doc__)
 
-    @api.exception_handler(RequestError)
-    async def _request_error(request: Request, e: RequestError):
-        return JSONResponse({"error": e.reason, "message": e.message}, status_code=e.status)
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, e: RequestError):
+    return JSONResponse({"error": e.reason, "message": e.message}, status_code=e.status)
 
-    @serve.deployment(name="biovita")
-    @serve.ingress(api)
-    class BioVITAService:
-        def __init__(self, cfg: ServeConfig, gallery_cache: str | None):
-            from biovita.predict import Predictor
-            from biovita.serve.gallery import Gallery
 
-            self.cfg = cfg
-            self.predictor = Predictor(cfg.checkpoint, clap=cfg.clap)
-            self.gallery = Gallery(cfg.gallery, gallery_cache) if gallery_cache else None
-            self._embed.set_max_batch_size(cfg.max_batch_size)
-            self._embed.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+@serve.deployment(name="biovita")
+@serve.ingress(api)
+class BioVITAService:
+    def __init__(self, cfg: ServeConfig, gallery_cache: str | None):
+        from biovita.predict import Predictor
+        from biovita.serve.gallery import Gallery
 
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-        async def _embed(self, inputs: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
-            """One forward per modality for the requests that arrived together."""
-            out: list[np.ndarray | None] = [None] * len(inputs)
-            for m in ("audio", "image"):
-                idx = [i for i, (mod, _) in enumerate(inputs) if mod == m]
-                if idx:
-                    emb = await asyncio.to_thread(self.predictor.encode, m, [inputs[i][1] for i in idx])
-                    for i, e in zip(idx, emb):
-                        out[i] = e
-            return out
+        self.cfg = cfg
+        self.predictor = Predictor(cfg.checkpoint, clap=cfg.clap)
+        self.gallery = Gallery(cfg.gallery, gallery_cache) if gallery_cache else None
+        self._embed.set_max_batch_size(cfg.max_batch_size)
+        self._embed.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
-        async def _upload(self, file: UploadFile | None) -> tuple[str, np.ndarray]:
-            if file is None:
-                raise RequestError("missing_file", "send the recording or photo as multipart field `file`")
-            limit = int(self.cfg.max_upload_mb * 2**20)
-            data = await file.read(limit + 1)
-            if len(data) > limit:
-                raise RequestError("too_large", f"uploads are limited to {self.cfg.max_upload_mb:g} MB")
-            try:
-                modality, x = await asyncio.to_thread(self.predictor.decode, data, self.cfg.max_pixels)
-            except MediaError as e:
-                raise RequestError(e.reason, f"{file.filename or 'the upload'}: {e}") from None
-            return modality, await self._embed((modality, x))
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _embed(self, inputs: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+        """One forward per modality for the requests that arrived together."""
+        out: list[np.ndarray | None] = [None] * len(inputs)
+        for m in ("audio", "image"):
+            idx = [i for i, (mod, _) in enumerate(inputs) if mod == m]
+            if idx:
+                emb = await asyncio.to_thread(self.predictor.encode, m, [inputs[i][1] for i in idx])
+                for i, e in zip(idx, emb):
+                    out[i] = e
+        return out
 
-        def _k(self, k: int | None) -> int:
-            k = self.cfg.default_k if k is None else k
-            if not 1 <= k <= self.cfg.max_k:
-                raise RequestError("bad_k", f"k must be between 1 and {self.cfg.max_k}")
-            return k
+    async def _upload(self, file: UploadFile | None) -> tuple[str, np.ndarray]:
+        if file is None:
+            raise RequestError("missing_file", "send the recording or photo as multipart field `file`")
+        limit = int(self.cfg.max_upload_mb * 2**20)
+        data = await file.read(limit + 1)
+        if len(data) > limit:
+            raise RequestError("too_large", f"uploads are limited to {self.cfg.max_upload_mb:g} MB")
+        try:
+            modality, x = await asyncio.to_thread(self.predictor.decode, data, self.cfg.max_pixels)
+        except MediaError as e:
+            raise RequestError(e.reason, f"{file.filename or 'the upload'}: {e}") from None
+        return modality, await self._embed((modality, x))
 
-        @api.get("/", response_class=HTMLResponse)
-        def index(self):
-            return page()
+    def _k(self, k: int | None) -> int:
+        k = self.cfg.default_k if k is None else k
+        if not 1 <= k <= self.cfg.max_k:
+            raise RequestError("bad_k", f"k must be between 1 and {self.cfg.max_k}")
+        return k
 
-        @api.get("/health")
-        def health(self):
-            return {"ok": True, "gallery": {m: len(v) for m, v in self.gallery.items.items()}
-                    if self.gallery else {}}
+    @api.get("/", response_class=HTMLResponse)
+    def index(self):
+        return page()
 
-        @api.post("/identify")
-        async def identify(self, file: UploadFile | None = File(None), rank: str = Form("species"),
-                           k: int | None = Form(None)):
-            if rank not in {r.value for r in Rank}:
-                raise RequestError("unknown_rank", f"rank must be one of {', '.join(r.value for r in Rank)}")
-            k = self._k(k)
+    @api.get("/health")
+    def health(self):
+        return {"ok": True, "gallery": {m: len(v) for m, v in self.gallery.items.items()}
+                if self.gallery else {}}
+
+    @api.post("/identify")
+    async def identify(self, file: UploadFile | None = File(None), rank: str = Form("species"),
+                       k: int | None = Form(None)):
+        if rank not in {r.value for r in Rank}:
+            raise RequestError("unknown_rank", f"rank must be one of {', '.join(r.value for r in Rank)}")
+        k = self._k(k)
+        modality, v = await self._upload(file)
+        return {"file": file.filename, "modality": modality, "rank": rank,
+                "taxa": self.predictor.rank(modality, v, rank, k)}
+
+    @api.post("/search")
+    async def search(self, file: UploadFile | None = File(None), text: str = Form(""),
+                     k: int | None = Form(None)):
+        k = self._k(k)
+        if self.gallery is None:
+            raise RequestError("no_gallery", "this service was started without --gallery")
+        if file is not None and file.filename:
             modality, v = await self._upload(file)
-            return {"file": file.filename, "modality": modality, "rank": rank,
-                    "taxa": self.predictor.rank(modality, v, rank, k)}
+            query = file.filename
+        elif text.strip():
+            modality, query = "text", text.strip()
+            v = (await asyncio.to_thread(self.predictor.model.embed_texts, [query]))[0]
+        else:
+            raise RequestError("no_query", "send a `file` or a `text`")
+        return {"query": query, "modality": modality, "nearest": self.gallery.nearest(v, k)}
 
-        @api.post("/search")
-        async def search(self, file: UploadFile | None = File(None), text: str = Form(""),
-                         k: int | None = Form(None)):
-            k = self._k(k)
-            if self.gallery is None:
-                raise RequestError("no_gallery", "this service was started without --gallery")
-            if file is not None and file.filename:
-                modality, v = await self._upload(file)
-                query = file.filename
-            elif text.strip():
-                modality, query = "text", text.strip()
-                v = (await asyncio.to_thread(self.predictor.model.embed_texts, [query]))[0]
-            else:
-                raise RequestError("no_query", "send a `file` or a `text`")
-            return {"query": query, "modality": modality, "nearest": self.gallery.nearest(v, k)}
-
-        @api.get("/media/{modality}/{media_id}")
-        def media(self, modality: str, media_id: str):
-            got = self.gallery.media(modality, media_id) if self.gallery else None
-            if got is None:
-                return JSONResponse({"error": "not_found", "message": f"no {modality} item {media_id}"},
-                                    status_code=404)
-            data, fmt = got
-            return Response(data, media_type=MEDIA_TYPES.get(fmt, "application/octet-stream"))
-
-    return BioVITAService
-
-
-try:  # Serve is an optional part of an install that only trains
-    BioVITAService = _make_api()
-except ImportError:  # pragma: no cover
-    BioVITAService = None
+    @api.get("/media/{modality}/{media_id}")
+    def media(self, modality: str, media_id: str):
+        got = self.gallery.media(modality, media_id) if self.gallery else None
+        if got is None:
+            return JSONResponse({"error": "not_found", "message": f"no {modality} item {media_id}"},
+                                status_code=404)
+        data, fmt = got
+        return Response(data, media_type=MEDIA_TYPES.get(fmt, "application/octet-stream"))
 
 
 def build_app(cfg: ServeConfig, gallery_cache: str | None = None):
