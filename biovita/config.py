@@ -266,7 +266,8 @@ def _validate_data(cfg: Config) -> None:
     _require(d.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
     _require(0 < d.decode_cpus <= 64, "data.decode_cpus", f"must be in (0, 64], got {d.decode_cpus}")
     _require(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0")
-    _require(d.decode_ahead_mb > 0, "data.decode_ahead_mb", f"must be > 0, got {d.decode_ahead_mb}")
+    # below what a stream holds anyway (its inputs, a task's output) decoding never starts
+    _require(d.decode_ahead_mb >= 64, "data.decode_ahead_mb", f"must be >= 64, got {d.decode_ahead_mb}")
     _require(d.synth_species >= 8, "data.synth_species", f"must be >= 8, got {d.synth_species}")
     if not _is_remote(d.root) and not d.synth_if_missing:
         _require(
