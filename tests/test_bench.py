@@ -250,7 +250,7 @@ def test_the_releases_benchmark_defects_score_and_are_counted(ray_local, synth_s
     result = evaluate(bench, tiny_checkpoint, tmp_path / "feats")
     inputs = result["inputs"]
     assert inputs["audio"] == {"indexed": len(audio), "with_feature": len(audio) - 3, "missing_file": 2,
-                               "failed": {"undecodable": 1}}
+                               "failed": {"html_page": 1}}
     assert inputs["image"] == {"indexed": len(image), "with_feature": len(image) - 1, "missing_file": 1,
                                "failed": {}}
     assert inputs["task_files_without_queries"] == sorted(f"family/test_{t}.csv" for t in TASKS)
