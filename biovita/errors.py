@@ -11,3 +11,7 @@ class MediaError(ValueError):
 
 class BenchmarkError(ValueError):
     """A malformed benchmark or feature folder; the message names the file (and row)."""
+
+
+class FetchError(ValueError):
+    """A URL list that cannot be fetched as given (raised before any download starts)."""

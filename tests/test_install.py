@@ -54,3 +54,7 @@ def test_wheel_in_fresh_venv_runs_from_anywhere(tmp_path):
     name, space, root = values.split()
     assert (name, space) == ("tiny", "biovita-sweep")
     assert Path(root) == elsewhere / "data" / "synthetic"  # relative to where it runs
+    out = _run([str(py), "-c", "import importlib.resources as r; "
+                "print(r.files('biovita.serve').joinpath('page.html').read_text()[:15])"],
+               cwd=elsewhere, env=env)
+    assert out.strip() == "<!doctype html>"  # the serving page ships in the wheel

@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return module.main(argv[1:], prog=f"biovita {argv[0]}")
     args = build_parser().parse_args(argv)
     from biovita.config import ConfigError
-    from biovita.data.fetch import FetchError
-    from biovita.errors import BenchmarkError, MediaError
+    from biovita.errors import BenchmarkError, FetchError, MediaError
     from biovita.models.checkpoint import CheckpointError
 
     try:

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from biovita.data.convert import ConvertReport, Splits, species_ids, write_taxa
-from biovita.data.fetch_plan import LEDGER, FetchError, Item, dedupe, plan_clips, plan_images, store_state
+from biovita.data.fetch_plan import LEDGER, Item, dedupe, plan_clips, plan_images, store_state
+from biovita.errors import FetchError
 from biovita.data.http import Download, FetchPolicy, HostSchedule, download
 from biovita.data.schema import SCHEMAS
 from biovita.data.store import filesystem, write_part

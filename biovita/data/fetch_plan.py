@@ -10,16 +10,13 @@ from pathlib import Path
 
 from biovita.data.convert import ConvertReport, release_rows
 from biovita.data.store import filesystem, table_files, table_uri
+from biovita.errors import FetchError
 from biovita.taxonomy import RANKS, folder_name, species_key
 
 IMAGE_URL_COLUMNS = ("url", "image_url", "download_url", "photo_url", "identifier")
 IMAGE_SPECIES_COLUMNS = ("accepted_name", "scientific_name", "species", "taxon_name")
 IMAGE_ID_COLUMNS = ("image_id", "photo_id", "id", "file_name")
 LEDGER = "_fetch"  # STORE/_fetch/rejected/*.parquet: rows rejected by earlier runs
-
-
-class FetchError(ValueError):
-    """A URL list that cannot be fetched as given (raised before any download starts)."""
 
 
 @dataclass(frozen=True)

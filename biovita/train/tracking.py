@@ -136,8 +136,11 @@ class RunLogger:
     def system_metrics(self, interval_s: float = 10.0):
         """This machine's CPU, memory, disk, network and (with pynvml) GPU use, logged into
         the run as MLflow's `system/...` metrics while the block runs."""
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
                                        tracking_uri=self.uri)
         monitor.start()
@@ -152,8 +155,13 @@ class RunLogger:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
+        import warnings
+
         uri = store if "://" in str(store) else str(Path(store).resolve())
-        ds = MetaDataset(resolve_dataset_source(uri), name=Path(str(store).rstrip("/")).name or str(store),
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is a folder
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
+        ds = MetaDataset(source, name=Path(str(store).rstrip("/")).name or str(store),
                          digest=digest[:36] or None)
         self.client.log_inputs(self.run_id, [DatasetInput(ds._to_mlflow_entity(),
                                                           [InputTag("mlflow.data.context", context)])])
