@@ -11,8 +11,9 @@ downloaded into a Parquet store by a Ray Data job.
   object-store PUT is atomic), then the rejected rows to `_fetch/rejected/`.
 - State is the store itself: a re-run skips every id already in a shard and every id rejected
   before (unless asked to retry those), and tries again what failed (timeouts, 5xx, 429 after
-  its retries). A job killed at any point loses no written row and, since written ids are
-  skipped, writes none twice.
+  its retries). A job killed at any point loses no written row; written ids are skipped by a
+  re-run, but a shard the killed job was still writing can land after the re-run read the
+  store (a known defect: its rows are then written twice).
 """
 
 from __future__ import annotations
