@@ -129,12 +129,14 @@ class Predictor:
         return self.embed_bytes(Path(path).read_bytes())
 
     def scale(self, modality: str) -> float:
-        """The logit scale the model was trained with for this modality against text."""
-        import torch
+        """The logit scale the model was trained with for this modality against text (read
+        once: it is a forward of the model)."""
+        if not hasattr(self, "_scales"):
+            import torch
 
-        with torch.no_grad():
-            scales = self.model.logit_scales()
-        return float(scales["model" if modality == "audio" else "clip"])
+            with torch.no_grad():
+                self._scales = {k: float(v) for k, v in self.model.logit_scales().items()}
+        return self._scales["model" if modality == "audio" else "clip"]
 
     def rank(self, modality: str, v: np.ndarray, rank: str | Rank = Rank.SPECIES, k: int = 5) -> list[dict]:
         """The `k` best taxa at `rank` for an embedding: taxonomy, cosine `score` and

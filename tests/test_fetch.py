@@ -123,7 +123,7 @@ def server():
 
 
 POLICY = FetchPolicy(timeout_s=1.0, max_attempts=3, backoff_s=0.05, backoff_max_s=5.0,
-                     max_bytes=200_000, host_concurrency=4, host_rate=100.0)
+                     max_bytes=200_000, host_connections=4, host_rate=100.0)
 TAXA = [("Parus major", "Aves", "Passeriformes", "Paridae", "Parus", "great tit"),
         ("Hyla arborea", "Amphibia", "Anura", "Hylidae", "Hyla", "tree frog"),
         ("Gryllus campestris", "Insecta", "Orthoptera", "Gryllidae", "Gryllus", "field cricket")]
@@ -178,7 +178,7 @@ def test_download_retries_and_limits(server):
 
 
 def test_host_schedule_caps_concurrency_and_rate():
-    s = HostSchedule(concurrency=2, rate=10.0)
+    s = HostSchedule(max_in_flight=2, rate=10.0)
     assert s.try_acquire("a", 0.0) == 0
     assert s.try_acquire("a", 0.0) > 0  # the next start is 0.1 s later
     assert s.try_acquire("b", 0.0) == 0  # another host is not held up
@@ -280,7 +280,7 @@ def test_fetch_killed_mid_job_resumes_without_duplicates(tmp_path, server):
     out = tmp_path / "store"
     cmd = [sys.executable, "-m", "biovita.cli", "fetch", "--clips", clips, "--images", images,
            "--out", str(out), "--chunk-rows", "4", "--actors", "2", "--threads", "2",
-           "--host-concurrency", "2", "--host-rate", "50"]
+           "--host-connections", "2", "--host-rate", "50"]
     import tempfile
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="bvf"))  # this job's own Ray (short: socket paths)

@@ -37,7 +37,7 @@ def _fetch(a) -> int:
     from biovita.frontends.image import MAX_IMAGE_PIXELS
 
     policy = FetchPolicy(timeout_s=a.timeout, max_attempts=a.max_attempts, backoff_s=a.backoff,
-                         max_bytes=int(a.max_mb * 2**20), host_concurrency=a.host_concurrency,
+                         max_bytes=int(a.max_mb * 2**20), host_connections=a.host_connections,
                          host_rate=a.host_rate)
     report = fetch_release(a.clips, a.out, a.images, policy, url_column=a.url_column,
                            species_column=a.species_column, seed=a.seed,
@@ -112,7 +112,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--retry-rejected", action="store_true",
                    help="also retry rows rejected by an earlier run (404, HTML page, undecodable, ...)")
     g = s.add_argument_group("politeness and limits")
-    g.add_argument("--host-concurrency", type=int, default=4, help="requests in flight per host (cluster-wide)")
+    g.add_argument("--host-connections", type=int, default=4, help="requests in flight per host (cluster-wide)")
     g.add_argument("--host-rate", type=float, default=5.0, help="requests started per second per host")
     g.add_argument("--timeout", type=float, default=30.0, help="seconds to connect and per read")
     g.add_argument("--max-attempts", type=int, default=4, help="requests per URL in one run")

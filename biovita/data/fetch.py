@@ -67,8 +67,8 @@ def gate_actor(policy: FetchPolicy):
 
     @ray.remote(num_cpus=0, max_concurrency=10_000)
     class HostGate:
-        def __init__(self, concurrency: int, rate: float):
-            self.schedule = HostSchedule(concurrency, rate)
+        def __init__(self, max_in_flight: int, rate: float):
+            self.schedule = HostSchedule(max_in_flight, rate)
 
         async def acquire(self, host: str) -> None:
             while (wait := self.schedule.try_acquire(host, time.monotonic())) > 0:
@@ -77,7 +77,7 @@ def gate_actor(policy: FetchPolicy):
         async def release(self, host: str, pause_s: float = 0.0) -> None:
             self.schedule.release(host, time.monotonic(), pause_s)
 
-    return HostGate.remote(policy.host_concurrency, policy.host_rate)
+    return HostGate.remote(policy.host_connections, policy.host_rate)
 
 
 def check_body(table: str, body: bytes, max_pixels: int) -> tuple[str, str]:
@@ -137,9 +137,8 @@ class ChunkFetcher:
             if got.outcome != "ok":
                 continue
             tax = self.taxa[item.key]
-            row = {"id": item.id, "bytes": got.body, "format": fmt,
-                   **{k: v for k, v in tax.items() if k not in ("species_id",)},
-                   "species_id": tax["species_id"], "split": self.splits(item.key, item.id)}
+            row = {"id": item.id, "bytes": got.body, "format": fmt, **tax,
+                   "split": self.splits(item.key, item.id)}
             if item.table == "audio":
                 row.update(source=item.source, recording_id=item.recording_id)
             good[item.table].append(row)

@@ -28,12 +28,12 @@ class FetchPolicy:
     backoff_s: float = 1.0  # first retry waits up to this; doubles per attempt (full jitter)
     backoff_max_s: float = 60.0  # the longest wait, Retry-After included
     max_bytes: int = 100 * 2**20  # larger bodies are rejected ("too_large")
-    host_concurrency: int = 4  # requests in flight per host, across the cluster
+    host_connections: int = 4  # requests in flight per host, across the cluster
     host_rate: float = 5.0  # requests started per second per host, across the cluster
 
     def __post_init__(self):
-        if self.max_attempts < 1 or self.host_concurrency < 1 or self.host_rate <= 0:
-            raise ValueError("max_attempts and host_concurrency must be >= 1, host_rate > 0")
+        if self.max_attempts < 1 or self.host_connections < 1 or self.host_rate <= 0:
+            raise ValueError("max_attempts and host_connections must be >= 1, host_rate > 0")
 
 
 @dataclass
@@ -58,12 +58,12 @@ def host_of(url: str) -> str:
 
 
 class HostSchedule:
-    """Who may start a request to a host now: at most `concurrency` in flight, starts spaced
+    """Who may start a request to a host now: at most `max_in_flight` in flight, starts spaced
     1/rate apart, none while the host asked us to pause (Retry-After). Pure bookkeeping; the
     caller supplies the clock and does the waiting (threads here, asyncio in Ray's actor)."""
 
-    def __init__(self, concurrency: int, rate: float):
-        self.concurrency, self.interval = concurrency, 1.0 / rate
+    def __init__(self, max_in_flight: int, rate: float):
+        self.max_in_flight, self.interval = max_in_flight, 1.0 / rate
         self.active: dict[str, int] = defaultdict(int)
         self.next_start: dict[str, float] = defaultdict(float)
         self.paused_until: dict[str, float] = defaultdict(float)
@@ -73,7 +73,7 @@ class HostSchedule:
         wait = max(self.next_start[host], self.paused_until[host]) - now
         if wait > 0:
             return wait
-        if self.active[host] >= self.concurrency:
+        if self.active[host] >= self.max_in_flight:
             return 0.02
         self.active[host] += 1
         self.next_start[host] = now + self.interval
@@ -88,8 +88,8 @@ class HostSchedule:
 class LocalGate:
     """A HostSchedule shared by the threads of one process."""
 
-    def __init__(self, concurrency: int, rate: float):
-        self.schedule, self.lock = HostSchedule(concurrency, rate), threading.Lock()
+    def __init__(self, max_in_flight: int, rate: float):
+        self.schedule, self.lock = HostSchedule(max_in_flight, rate), threading.Lock()
 
     def acquire(self, host: str) -> None:
         while True:
