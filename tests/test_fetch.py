@@ -239,6 +239,60 @@ def test_fetch_store_counts_and_resumes(tmp_path, server, ray_local):
     assert rep3.already["rejected"] == 0 and rep3.outcomes["audio"]["rejected"] == 4
 
 
+def test_fetch_late_shard_replaces_instead_of_adding(tmp_path, server, ray_local):
+    """A killed job's shard landing after a re-run read the store (simulated: taken away
+    before the re-run, put back after it) has the name the re-run gave the same rows."""
+    from biovita.data.fetch import fetch_release
+
+    clips, images = write_lists(tmp_path, server, [("good", "wav", "ok", "")] * 6, [])
+    out = tmp_path / "store"
+    fetch_release(clips, str(out), None, POLICY, chunk_rows=2, actors=1, progress=False)
+    shards = sorted(p.name for p in (out / "audio").glob("part-fetch-*.parquet"))
+    assert len(shards) == 3 and all(s.endswith("-0.parquet") for s in shards)
+    late = (out / "audio" / shards[1]).rename(tmp_path / shards[1])
+    rep = fetch_release(clips, str(out), None, POLICY, chunk_rows=2, actors=1, progress=False)
+    assert rep.already["written"] == 4 and rep.outcomes["audio"]["ok"] == 2
+    assert sorted(p.name for p in (out / "audio").glob("part-fetch-*.parquet")) == shards
+    late.rename(out / "audio" / shards[1])
+    from biovita.data.store import read_table
+
+    assert sorted(read_table(out, "audio", ["id"])["id"].to_pylist()) == [f"xc_{i}" for i in range(6)]
+    assert not (out / "_fetch" / "lease.json").exists()  # released at the end
+
+
+def test_store_lease_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import json
+    import socket
+
+    from biovita.data.lease import LEASE, Lease, held_by
+    from biovita.data.store import filesystem
+    from biovita.errors import FetchError
+
+    path = tmp_path / LEASE
+    path.parent.mkdir(parents=True)
+    fs, _ = filesystem(str(tmp_path))
+
+    def holder(pid, host=socket.gethostname(), age=0.0):
+        path.write_text(json.dumps({"run": "other", "pid": pid, "host": host,
+                                    "beat": time.time() - age}))
+
+    holder(os.getpid())  # alive on this host
+    with pytest.raises(FetchError, match="another fetch is writing this store"):
+        Lease(str(tmp_path), "mine").__enter__()
+    holder(os.getpid(), host="elsewhere", age=10)  # a fresh heartbeat from another host
+    with pytest.raises(FetchError, match="run other"):
+        Lease(str(tmp_path), "mine").__enter__()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid, host, age in ((dead.pid, socket.gethostname(), 0), (1, "elsewhere", 600)):
+        holder(pid, host, age)  # killed on this host / silent too long elsewhere
+        with Lease(str(tmp_path), "mine", beat_s=0.05) as lease:
+            assert held_by(fs, lease.path) == "mine"
+            time.sleep(0.2)
+            assert json.loads(path.read_text())["beat"] > time.time() - 1
+        assert not path.exists()
+
+
 def test_fetch_names_missing_columns(tmp_path, server):
     from biovita.data.fetch import fetch_release
     from biovita.errors import FetchError
@@ -268,9 +322,6 @@ def _kill_ray_started_under(tmp: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect (issue #16 stays open): a chunk shard of the killed job can land after the "
-    "re-run has read the store, so its rows are written twice (seen in 2 of 6 runs)"))
 def test_fetch_killed_mid_job_resumes_without_duplicates(tmp_path, server):
     """SIGKILL to the whole job (driver, Ray and its workers) once some shards are written;
     the same command again completes the store, each file once."""

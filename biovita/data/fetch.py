@@ -4,23 +4,26 @@ downloaded into a Parquet store by a Ray Data job.
 - The lists are planned on the driver: clips keep the ids, taxonomy and split rule of
   `biovita convert` (`{source}_{recording_id}`); image rows map to species by the release's
   species key, so a fetched store and a converted one hold the same species ids.
-- Chunks of rows go to a pool of fetcher actors; each downloads its rows on threads within a
-  cluster-wide per-host schedule (one small actor: concurrency cap, request rate, Retry-After
-  pauses), checks each body by decoding it, and writes the good rows as one store shard
-  `part-fetch-<chunk>.parquet`, all or nothing (a local file is renamed into place; an
-  object-store PUT is atomic), then the rejected rows to `_fetch/rejected/`.
+- The whole list is cut into fixed chunks (`fetch_plan.grid`: a seeded order, each chunk
+  named by a hash of its ids). Chunks with rows still to fetch go to a pool of fetcher
+  actors; each downloads its rows on threads within a cluster-wide per-host schedule (one
+  small actor: concurrency cap, request rate, Retry-After pauses), checks each body by
+  decoding it, and writes the good rows as one shard `part-fetch-<chunk>-<generation>.parquet`
+  per table, all or nothing (a local file is renamed into place; an object-store PUT is
+  atomic), then the rejected rows to `_fetch/rejected/`.
 - State is the store itself: a re-run skips every id already in a shard and every id rejected
   before (unless asked to retry those), and tries again what failed (timeouts, 5xx, 429 after
-  its retries). A job killed at any point loses no written row; written ids are skipped by a
-  re-run, but a shard the killed job was still writing can land after the re-run read the
-  store (a known defect: its rows are then written twice).
+  its retries), as the next generation of that chunk's shard.
+- One fetch per store at a time (`lease.Lease`). A job killed at any point loses no written
+  row and a re-run writes none twice: a shard the killed job's leftover workers still land
+  has the name the re-run gives the same rows (so it replaces, never adds), and workers stop
+  writing once the re-run holds the lease.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import sys
 import time
@@ -30,7 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from biovita.data.convert import ConvertReport, Splits, species_ids, write_taxa
-from biovita.data.fetch_plan import LEDGER, Item, dedupe, plan_clips, plan_images, store_state
+from biovita.data.fetch_plan import (LEDGER, Item, dedupe, grid, plan_clips, plan_images, shard_name,
+                                     store_state)
+from biovita.data.lease import Lease, held_by
 from biovita.errors import FetchError
 from biovita.data.http import Download, FetchPolicy, HostSchedule, download
 from biovita.data.schema import SCHEMAS
@@ -99,9 +104,11 @@ class ChunkFetcher:
     its rejected rows to the ledger, and returns one outcome row per item (no media)."""
 
     def __init__(self, out: tuple, policy: FetchPolicy, gate, taxa: dict[str, dict],
-                 splits: Splits, threads: int = 8, max_pixels: int = MAX_IMAGE_PIXELS):
+                 splits: Splits, lease: tuple[str, str], threads: int = 8,
+                 max_pixels: int = MAX_IMAGE_PIXELS):
         # out: (filesystem, root) made on the driver: an object store's credentials travel with it
         (self.fs, self.root), self.policy, self.gate = out, policy, RayGate(gate)
+        self.lease_path, self.run = lease
         self.taxa, self.splits, self.max_pixels = taxa, splits, max_pixels
         self.pool = ThreadPoolExecutor(threads)
 
@@ -118,10 +125,14 @@ class ChunkFetcher:
         import numpy as np
 
         rows = {k: [] for k in ("table", "id", "host", "outcome", "reason", "attempts", "bytes")}
-        for chunk, payload in zip(batch["chunk"], batch["items"]):
+        for chunk, gens, payload in zip(batch["chunk"], batch["generations"], batch["items"]):
             items = [Item(**d) for d in json.loads(payload)]
             results = list(self.pool.map(self._one, items))
-            self._write(str(chunk), results)
+            if held_by(self.fs, self.lease_path) != self.run:
+                # this job was presumed dead and another took the store over: write nothing
+                results = [(i, Download(g.url, "failed", "store_taken_over", status=g.status,
+                                        attempts=g.attempts), f) for i, g, f in results]
+            self._write(str(chunk), json.loads(gens), results)
             for item, got, _ in results:
                 for k, v in (("table", item.table), ("id", item.id), ("host", got.host),
                              ("outcome", got.outcome), ("reason", got.reason),
@@ -129,7 +140,7 @@ class ChunkFetcher:
                     rows[k].append(v)
         return {k: np.array(v) for k, v in rows.items()}
 
-    def _write(self, chunk: str, results: list[tuple[Item, Download, str]]) -> None:
+    def _write(self, chunk: str, gens: dict[str, int], results: list[tuple[Item, Download, str]]) -> None:
         import pyarrow as pa
 
         good = defaultdict(list)
@@ -145,15 +156,16 @@ class ChunkFetcher:
         for table, table_rows in good.items():  # the media first: they are the state
             base = f"{self.root}/{table}"
             self.fs.create_dir(base, recursive=True)
-            write_part(self.fs, f"{base}/part-fetch-{chunk}.parquet", SCHEMAS[table], table_rows,
-                       atomic=True)
+            write_part(self.fs, f"{base}/{shard_name(chunk, gens[table])}", SCHEMAS[table],
+                       table_rows, atomic=True)
         rejected = [{"id": i.id, "table": i.table, "url": i.url, "reason": g.reason}
                     for i, g, _ in results if g.outcome == "rejected"]
         if rejected:
             base = f"{self.root}/{LEDGER}/rejected"
             self.fs.create_dir(base, recursive=True)
             schema = pa.schema([(c, pa.string()) for c in ("id", "table", "url", "reason")])
-            write_part(self.fs, f"{base}/{chunk}.parquet", schema, rejected, atomic=True)
+            write_part(self.fs, f"{base}/{chunk}-{max(gens.values())}.parquet", schema, rejected,
+                       atomic=True)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -208,10 +220,6 @@ def fetch_release(clips: str | None, out: str, images: str | None = None,
                   max_image_pixels: int = MAX_IMAGE_PIXELS, progress: bool | None = None,
                   mlflow_uri: str | None = None) -> FetchReport:
     """Download what the store lacks of the lists into `out`; see the module docstring."""
-    import ray
-
-    from biovita.runtime import init_ray
-
     if not clips and not images:
         raise FetchError("nothing to fetch: give --clips and/or --images")
     t0 = time.time()
@@ -223,40 +231,29 @@ def fetch_release(clips: str | None, out: str, images: str | None = None,
     items = dedupe(items, plan_report)
     splits = Splits.read(seed, test_fraction, unseen_species)
     ids = species_ids(taxa)
-    write_taxa(out, taxa, splits)
-    done, rejected = store_state(out)
     report = FetchReport(planned=dict(Counter(i.table for i in items)), csv=dict(plan_report.skipped["csv"]))
-    todo = []
-    for it in items:
-        if it.id in done[it.table]:
-            report.already["written"] += 1
-        elif it.id in rejected and not retry_rejected:
-            report.already["rejected"] += 1
-        else:
-            todo.append(it)
-    # a seeded shuffle: lists come grouped by species (and by host), the store should not
-    random.Random(seed).shuffle(todo)
     run = time.strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
-    chunks = [{"chunk": f"{run}-{n:06d}", "items": json.dumps([asdict(i) for i in todo[s:s + chunk_rows]])}
-              for n, s in enumerate(range(0, len(todo), chunk_rows))]
-    if chunks:
-        init_ray()
-        import ray.data
-
-        taxa_ids = {k: {**v, "species_id": ids[k]} for k, v in taxa.items()}
-        gate = gate_actor(policy)
-        ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-            ChunkFetcher, batch_size=1, num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(chunks)))),
-            fn_constructor_kwargs={"out": filesystem(out), "policy": policy, "gate": gate, "taxa": taxa_ids,
-                                   "splits": splits, "threads": threads,
-                                   "max_pixels": max_image_pixels})
-        ds.context.enable_progress_bars = False  # ours says more: outcomes and bytes
-        with Progress(len(todo), progress) as bar:
-            for row in ds.iter_rows():
-                report.add(row)
-                bar.update(report)
-        ray.kill(gate)
+    with Lease(out, run) as lease:
+        write_taxa(out, taxa, splits)
+        state = store_state(out)  # read under the lease: nobody else writes from here on
+        chunks = []
+        for name, chunk in grid(items, seed, chunk_rows):
+            todo = []
+            for it in chunk:
+                if it.id in state.done[it.table]:
+                    report.already["written"] += 1
+                elif it.id in state.rejected and not retry_rejected:
+                    report.already["rejected"] += 1
+                else:
+                    todo.append(it)
+            if todo:
+                gens = {t: state.generation(t, name) for t in ("audio", "image")}
+                chunks.append({"chunk": name, "generations": json.dumps(gens),
+                               "items": json.dumps([asdict(i) for i in todo])})
+        if chunks:
+            _run_chunks(chunks, out, policy, {k: {**v, "species_id": ids[k]} for k, v in taxa.items()},
+                        splits, (lease.path, run), report, actors=actors, threads=threads,
+                        max_pixels=max_image_pixels, progress=progress)
     report.seconds = time.time() - t0
     ledger = Path(out) / LEDGER if "://" not in out else None
     if ledger is not None:
@@ -265,6 +262,32 @@ def fetch_release(clips: str | None, out: str, images: str | None = None,
     if mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         log_to_mlflow(report, mlflow_uri, {"clips": clips, "images": images, "out": out, **asdict(policy)})
     return report
+
+
+def _run_chunks(chunks: list[dict], out: str, policy: FetchPolicy, taxa: dict[str, dict],
+                splits: Splits, lease: tuple[str, str], report: FetchReport, *, actors: int,
+                threads: int, max_pixels: int, progress: bool | None) -> None:
+    """The Ray Data job: chunks to the fetcher actors, their outcome rows into `report`."""
+    import ray
+
+    from biovita.runtime import init_ray
+
+    init_ray()
+    import ray.data
+
+    gate = gate_actor(policy)
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+        ChunkFetcher, batch_size=1, num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(chunks)))),
+        fn_constructor_kwargs={"out": filesystem(out), "policy": policy, "gate": gate, "taxa": taxa,
+                               "splits": splits, "lease": lease, "threads": threads,
+                               "max_pixels": max_pixels})
+    ds.context.enable_progress_bars = False  # ours says more: outcomes and bytes
+    with Progress(sum(len(json.loads(c["items"])) for c in chunks), progress) as bar:
+        for row in ds.iter_rows():
+            report.add(row)
+            bar.update(report)
+    ray.kill(gate)
 
 
 class Progress:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ IMAGE_URL_COLUMNS = ("url", "image_url", "download_url", "photo_url", "identifie
 IMAGE_SPECIES_COLUMNS = ("accepted_name", "scientific_name", "species", "taxon_name")
 IMAGE_ID_COLUMNS = ("image_id", "photo_id", "id", "file_name")
 LEDGER = "_fetch"  # STORE/_fetch/rejected/*.parquet: rows rejected by earlier runs
+SHARD = re.compile(r"part-fetch-([0-9a-f]{12})-(\d+)\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -108,18 +111,58 @@ def dedupe(items: list[Item], report: ConvertReport) -> list[Item]:
     return out
 
 
-def store_state(out: str) -> tuple[dict[str, set[str]], dict[str, str]]:
-    """(ids written per table, {id: reason} of rows rejected by earlier runs)."""
+def grid(items: list[Item], seed: int, chunk_rows: int) -> list[tuple[str, list[Item]]]:
+    """The whole list cut into fixed chunks: a seeded shuffle (lists come grouped by species
+    and host; the store should not), then `chunk_rows` at a time, each chunk named by a hash
+    of its ids. The same list, seed and size give the same chunks on every run whatever is
+    fetched already, so a re-run writes a chunk's rows under the name a killed run would have
+    used: a late shard of the killed run replaces the re-run's (the same rows) instead of
+    adding them twice. Another list or size gives other names, never a collision."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    out = []
+    for s in range(0, len(order), chunk_rows):
+        chunk = order[s:s + chunk_rows]
+        digest = hashlib.sha1("\n".join(f"{i.table}:{i.id}" for i in chunk).encode()).hexdigest()
+        out.append((digest[:12], chunk))
+    return out
+
+
+def shard_name(chunk: str, generation: int) -> str:
+    """A chunk's shard: generation 0 holds its first run's good rows, 1 the rows a later run
+    got of those that failed, and so on (per table)."""
+    return f"part-fetch-{chunk}-{generation}.parquet"
+
+
+@dataclass
+class StoreState:
+    """What a store holds for `fetch`: ids written per table, {id: reason} of rows rejected
+    by earlier runs, and the next shard generation of each (table, chunk)."""
+
+    done: dict[str, set[str]]
+    rejected: dict[str, str]
+    generations: dict[tuple[str, str], int]
+
+    def generation(self, table: str, chunk: str) -> int:
+        return self.generations.get((table, chunk), 0)
+
+
+def store_state(out: str) -> StoreState:
     import pyarrow.parquet as pq
 
-    done = {}
+    done, generations = {}, {}
     for table in ("audio", "image"):
         fs, _ = filesystem(table_uri(out, table))
-        done[table] = {i for f in table_files(out, table)
+        files = table_files(out, table)
+        done[table] = {i for f in files
                        for i in pq.read_table(f, columns=["id"], filesystem=fs)["id"].to_pylist()}
+        for f in files:
+            if m := SHARD.search(f):
+                key = (table, m.group(1))
+                generations[key] = max(generations.get(key, 0), int(m.group(2)) + 1)
     rejected = {}
     fs, _ = filesystem(table_uri(out, LEDGER))
     for f in table_files(out, f"{LEDGER}/rejected"):
         t = pq.read_table(f, columns=["id", "reason"], filesystem=fs)
         rejected.update(zip(t["id"].to_pylist(), t["reason"].to_pylist()))
-    return done, rejected
+    return StoreState(done, rejected, generations)
