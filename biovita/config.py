@@ -123,6 +123,9 @@ class TrainConfig:
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD | STRICT_PACK (workers on nodes)
     worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {gpu_node: 1}: pin workers
     log_every: int = 10
+    # a validation set (`biovita.bench.validation`): its media are held out of training and
+    # every epoch is scored on it (val/top1: mean species Top-1 of the six directions)
+    validation: str = ""
 
 
 @dataclass
@@ -138,9 +141,12 @@ class MlflowConfig:
 @dataclass
 class BenchConfig:
     candidates: int = 100
-    split: str = "seen"
+    splits: str = "seen,unseen"  # the benchmarks the job scores: seen and/or unseen species
     seed: int = 0
-    out: str = ""  # where the benchmark folder goes ("" = <storage_path>/<run_name>/bench)
+    out: str = ""  # where the benchmark folders go ("" = <storage_path>/<run_name>): bench_<split>/
+
+    def split_list(self) -> list[str]:
+        return [s.strip() for s in self.splits.split(",") if s.strip()]
 
 
 @dataclass
@@ -218,7 +224,8 @@ def load_config(
 
 def _absolute_paths(cfg: Config) -> None:
     """Local paths become absolute on the driver: Ray workers and Tune trials run elsewhere."""
-    for section, key in (("data", "root"), ("train", "storage_path"), ("bench", "out")):
+    for section, key in (("data", "root"), ("train", "storage_path"), ("train", "validation"),
+                         ("bench", "out")):
         obj = getattr(cfg, section)
         value = getattr(obj, key)
         if value and not _is_remote(value) and not value.startswith("file://"):
@@ -346,6 +353,9 @@ def _validate_train(cfg: Config) -> None:
     _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     _require(bool(t.run_name.strip()), "train.run_name", "must not be empty")
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(not t.validation or _is_remote(t.validation) or Path(t.validation).is_file(),
+             "train.validation", f"no such file {t.validation!r} (build one with "
+             "biovita.bench.validation.build_validation)")
     _require(t.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
              "train.placement_strategy", "must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
 
@@ -353,4 +363,5 @@ def _validate_train(cfg: Config) -> None:
 def _validate_bench(cfg: Config) -> None:
     b = cfg.bench
     _require(b.candidates >= 2, "bench.candidates", f"must be >= 2, got {b.candidates}")
-    _require(b.split in ("seen", "unseen"), "bench.split", "must be seen or unseen")
+    _require(bool(b.split_list()) and set(b.split_list()) <= {"seen", "unseen"}, "bench.splits",
+             f"must name seen and/or unseen (comma-separated), got {b.splits!r}")

@@ -8,6 +8,9 @@ from typing import Mapping
 import numpy as np
 
 TEMPLATES = ("com", "sci", "tax", "sci_com", "tax_com")
+# A base model that must also know the higher ranks (the embedded run's stage 0, as BioCLIP
+# mixes taxonomic levels): the species templates plus the bare genus and family names.
+LEVEL_TEMPLATES = TEMPLATES + ("genus", "family")
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,16 @@ class Taxon:
             return f"{self.scientific_name} with common name {com}"
         if template == "tax_com":
             return f"{self.taxonomic} with common name {com}"
+        if template in ("genus", "family"):
+            return getattr(self, template)
         raise ValueError(f"unknown template {template!r} (known: {', '.join(TEMPLATES)})")
 
     def prompts(self) -> list[str]:
         return [self.prompt(t) for t in TEMPLATES]
 
-    def random_prompt(self, rng: np.random.Generator) -> str:
+    def random_prompt(self, rng: np.random.Generator, templates: tuple[str, ...] = TEMPLATES) -> str:
         """One template drawn per training sample (from the caller's generator)."""
-        return self.prompt(TEMPLATES[int(rng.integers(len(TEMPLATES)))])
+        return self.prompt(templates[int(rng.integers(len(templates)))])
 
     def name(self, level: str) -> str:
         """The bare name the benchmark embeds at a level (species, genus, family, common)."""

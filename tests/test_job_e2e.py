@@ -71,7 +71,10 @@ def test_ray_job_submit_main_job(synth_store, tmp_path):
         head.wait(timeout=60)
     m = re.search(r"^results: (.+)$", out, re.M)
     assert m, out[-3000:]
-    res = json.loads(Path(m.group(1).strip()).read_text())
+    both = json.loads(Path(m.group(1).strip()).read_text())
+    assert both["stage"] == "stage2.phase2" and both["unseen"]["species"]["A2I"]["n"] > 0
+    assert (tmp_path / "bench" / "bench_unseen" / "ids" / "audio_index.csv").is_file()
+    res = both["seen"]
     tasks = [(lvl, c) for lvl in ("species", "genus", "family") for c in res[lvl]]
     assert len(tasks) == 18
     for lvl, c in tasks:
@@ -79,6 +82,7 @@ def test_ray_job_submit_main_job(synth_store, tmp_path):
         assert set(e) == {"top1", "top5", "top10", "n", "skipped", "missing_query", "missing_gallery"}
         assert 0 <= e["top1"] <= e["top5"] <= e["top10"] <= 1 and e["n"] > 0
     assert "A2T" in out and "species top1/top5" in out  # the table was printed
+    assert re.search(r"^unseen\s+stage2\.phase2", out, re.M)  # and the summary of both splits
     for stage in ("stage0", "stage1", "stage2.phase1", "stage2.phase2"):
         assert (tmp_path / "runs" / "e2e" / "models" / stage / "model.safetensors").is_file()
     client = MlflowClient(f"sqlite:///{db}")

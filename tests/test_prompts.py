@@ -23,3 +23,20 @@ def test_random_prompt_uses_the_callers_generator_only():
     many = {T.random_prompt(np.random.default_rng(i)) for i in range(200)}
     assert many == set(T.prompts()) and len(TEMPLATES) == 5
     assert np.all(np.random.get_state()[1] == state[1])  # global RNG untouched
+
+
+def test_levels_prompts_add_bare_genus_and_family_names():
+    """Stage 0's "levels" mode: the species templates plus the bare higher ranks, so the base
+    model's text tower learns what the benchmark embeds at genus and family level."""
+    from biovita.data.decode import ImageDecodeSpec, _prompt
+    from biovita.prompts import LEVEL_TEMPLATES
+    from biovita.train.stages import STAGE0, STAGE1
+
+    drawn = {T.random_prompt(np.random.default_rng(i), LEVEL_TEMPLATES) for i in range(300)}
+    assert drawn == set(T.prompts()) | {"Setophaga", "Parulidae"}
+    row = {"id": "x", "species_id": 1, "class": "Aves", "order": "Passeriformes", "family": "Parulidae",
+           "genus": "Setophaga", "scientific_name": "Setophaga petechia", "common_name": "Yellow Warbler"}
+    got = {_prompt(row, ImageDecodeSpec(prompts="levels", epoch=e), 0) for e in range(300)}
+    assert {"Setophaga", "Parulidae"} <= got
+    assert not {"Setophaga", "Parulidae"} & {_prompt(row, ImageDecodeSpec(epoch=e), 0) for e in range(300)}
+    assert STAGE0.prompts == "levels" and STAGE1.prompts == "random"

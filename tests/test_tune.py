@@ -48,8 +48,10 @@ def test_two_trial_sweep(ray_local, synth_store, tmp_path):
     spec, base = load_space(_space(tmp_path, root, {
         "model.init_temperature": {"type": "grid", "values": [0.05, 0.1]}}, num_samples=1))
     out = run_sweep(spec, base)
-    assert len(out["rows"]) == 2 and all(r["top1_batch"] is not None for r in out["rows"])
+    # each trial scored the shared validation set (held out of its training) for ASHA
+    assert len(out["rows"]) == 2 and all(0 <= r["val/top1"] <= 1 for r in out["rows"])
     best = load_config(out["best_config"])  # loads (and validates) as a training config
+    assert best.train.validation == ""
     assert best.model.init_temperature in (0.05, 0.1)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("biovita")
@@ -61,6 +63,8 @@ def test_two_trial_sweep(ray_local, synth_store, tmp_path):
     for t in trials:
         assert "model.init_temperature" in t.data.params
         assert client.get_metric_history(t.info.run_id, "loss")
+        assert client.get_metric_history(t.info.run_id, "val/A2I")
+    assert len(client.get_metric_history(parent[0].info.run_id, "trials/val/top1")) == 2
     arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert {"best_config.yaml", "trials.png"} <= arts
     # the best config runs: one more stage-1 step from it

@@ -48,6 +48,17 @@ def mean_top1(result: dict, level: str = "species") -> float:
     return sum(result[level][c]["top1"] for c in ORDER) / len(ORDER)
 
 
+def format_summary(scored: dict[str, dict[str, dict]]) -> str:
+    """One line per split and stage: the mean Top-1 over the six directions at each level."""
+    head = f"{'split':<8}{'stage':<16}" + "".join(f"{lvl + ' avg top1':>20}" for lvl in LEVELS)
+    lines = ["summary (mean Top-1 of the six directions, %)", head, "-" * len(head)]
+    for split, by_stage in scored.items():
+        for stage, result in by_stage.items():
+            lines.append(f"{split:<8}{stage:<16}" + "".join(
+                f"{100 * mean_top1(result, lvl):>20.1f}" for lvl in LEVELS))
+    return "\n".join(lines)
+
+
 def plot_heatmap(result: dict, path: str | Path, title: str = "Top-1") -> Path:
     import matplotlib
 

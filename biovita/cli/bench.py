@@ -44,6 +44,24 @@ def _run(a) -> int:
     return 0
 
 
+def _traits(a) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from biovita.bench.traits import format_probe, plot_probe, probe_checkpoint
+    from biovita.models.checkpoint import resolve_checkpoint
+
+    results = probe_checkpoint(resolve_checkpoint(a.checkpoint, clap=a.clap), a.data, folds=a.folds,
+                               permutations=a.permutations, seed=a.seed, alpha=a.alpha)
+    print(format_probe(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps([{**asdict(r), "found": r.found} for r in results], indent=1))
+        png = plot_probe(results, str(Path(a.json).with_suffix(".png")))
+        print(f"results: {a.json} (plot: {png})")
+    return 0
+
+
 def add_parsers(sub) -> None:
     b = sub.add_parser("bench", help="BioVITA Bench: build, run, score")
     bsub = b.add_subparsers(dest="bench_cmd", required=True, metavar="STEP")
@@ -71,3 +89,20 @@ def add_parsers(sub) -> None:
     s.add_argument("--json", default=None)
     s.add_argument("--skip-missing", action="store_true", help=SKIP_MISSING)
     s.set_defaults(fn=_run)
+    s = bsub.add_parser(
+        "traits", help="linear probe of ecological traits on frozen audio and image embeddings",
+        description="For each trait group of the store's taxa table: a ridge probe on the frozen "
+        "embeddings of every recording and photo, scored on species it never saw (species-"
+        "disjoint folds) as macro-F1, against the majority label and a permutation null "
+        "(labels shuffled among species). Embeddings are cached beside the store.",
+        epilog="example:\n  biovita bench traits runs/embedded/models/stage2.phase2 --data data/synthetic "
+        "--json traits.json", formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    s.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    s.add_argument("--data", required=True, help="Parquet store with a taxa table carrying traits")
+    s.add_argument("--clap", default=None, metavar="NAME_OR_DIR", help=CLAP_HELP)
+    s.add_argument("--folds", type=int, default=5, help="species-disjoint folds")
+    s.add_argument("--permutations", type=int, default=100, help="shuffles for the null")
+    s.add_argument("--alpha", type=float, default=1.0, help="ridge penalty (per sample)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", default=None, help="write the results as JSON (+ a PNG plot beside it)")
+    s.set_defaults(fn=_traits)

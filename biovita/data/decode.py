@@ -16,7 +16,7 @@ from biovita.data.sampling import stable_hash
 from biovita.errors import MediaError
 from biovita.frontends.audio import AudioFrontEnd, load_clip, log_mel
 from biovita.frontends.image import MAX_IMAGE_PIXELS, ImageFrontEnd, load_image
-from biovita.prompts import Taxon
+from biovita.prompts import LEVEL_TEMPLATES, TEMPLATES, Taxon
 
 # The job's counting actor (see `biovita.data.stats`), named here so decoding needs no Ray.
 STATS_ACTOR = "biovita-media-stats"
@@ -24,12 +24,13 @@ Decoded = tuple[dict[str, np.ndarray], int, list[tuple[str, str]]]  # rows, good
 
 
 def _prompt(row: dict, spec: Any, use: int) -> str:
-    """A prompt per sample: a random template (seeded per epoch, id and use) or one per species."""
+    """A prompt per sample: a random template (seeded per epoch, id and use; "levels" also
+    draws the bare genus or family name) or one per species ("fixed")."""
     if spec.prompts == "fixed":
         rng = np.random.default_rng([spec.seed, int(row["species_id"]), 5])
     else:
         rng = np.random.default_rng([spec.seed, spec.epoch, stable_hash(str(row["id"])), use, 3])
-    return Taxon.from_row(row).random_prompt(rng)
+    return Taxon.from_row(row).random_prompt(rng, LEVEL_TEMPLATES if spec.prompts == "levels" else TEMPLATES)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class AudioDecodeSpec:
     mode: str = "random"  # random (train) | onset (eval)
     seed: int = 0
     epoch: int = 0
-    prompts: str = "random"  # random template per sample | fixed (one per species) | none
+    prompts: str = "random"  # random template per sample | levels | fixed (one per species) | none
     stats_name: str | None = STATS_ACTOR  # where dropped media are counted (None: nowhere)
 
 

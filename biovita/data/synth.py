@@ -5,10 +5,18 @@ learnable but not trivial:
 
 - audio: class -> call type (bird whistles/trills, frog pulsed croaks, insect broadband pulse
   trains, mammal low harmonic calls); family -> frequency band; genus -> rhythm/modulation;
-  species -> fine pitch and syllable pattern. Per clip: onset, amplitude, noise, duration
+  species -> fine pitch, syllable pattern and call tempo. Per clip: onset, amplitude, noise, duration
   (shorter and longer than 10 s), sample rate 16-48 kHz, mono/stereo, WAV/FLAC/OGG/MP3.
 - images: class -> body shape; family -> habitat background; genus -> colour; species ->
-  pattern. Per image: pose, scale, position, noise, size, JPEG/PNG/WebP.
+  pattern and a mark (a bright spot on the body, or none). Per image: pose, scale, position,
+  noise, size, JPEG/PNG/WebP.
+- hidden attributes drawn per species, across genera: `tempo` (heard, not seen), `mark` (seen,
+  not heard), `secret` (neither). The taxa table's trait labels come from them (activity,
+  social, migration) and from the taxonomy (the other groups), so a trait probe has something
+  true to find and something it must not find.
+- species spread evenly over 16 genera (4 classes x 2 families x 2 genera); one species of each
+  genus that has two or more is unseen (held out of training), so every unseen species has a
+  seen relative; a world of at most 16 species holds out every fourth.
 
 Deterministic for a seed. A known number of corrupt media are written (see `CORRUPT_*`).
 """
@@ -34,6 +42,7 @@ from biovita.data.synth_media import (
     synth_image,
 )
 
+WORLD = 2  # the generator's version, in meta.json: a store made by another is made again
 CLASSES = ("Aves", "Amphibia", "Insecta", "Mammalia")
 COMMON_NOUN = {"Aves": "Warbler", "Amphibia": "Frog", "Insecta": "Cricket", "Mammalia": "Bat"}
 SAMPLE_RATES = (16_000, 22_050, 32_000, 44_100, 48_000)
@@ -77,6 +86,12 @@ class Species:
     genus_in_family: int
     species_in_genus: int
     seen: bool
+    tempo: int = 0  # 0 slow, 1 fast calls: audible only
+    mark: int = 0  # 0 none, 1 a bright spot: visible only
+    secret: int = 0  # shapes nothing
+
+    def hidden(self) -> dict[str, int]:
+        return {"tempo": self.tempo, "mark": self.mark, "secret": self.secret}
 
     def taxonomy(self) -> dict[str, str]:
         return {"class": self.klass, "order": self.order, "family": self.family,
@@ -88,10 +103,21 @@ def _word(rng: np.random.Generator, n: int) -> str:
     return "".join(rng.choice(_SYL) for _ in range(n))
 
 
+def genus_sizes(n_species: int) -> list[int]:
+    """Species per genus (16 genera), as even as can be; the extra ones go first to the first
+    genus of each family of each class, so that classes stay balanced."""
+    order = sorted(range(16), key=lambda g: (g % 2, (g // 2) % 2, g // 4))
+    sizes = [n_species // 16] * 16
+    for g in order[: n_species % 16]:
+        sizes[g] += 1
+    return sizes
+
+
 def make_taxonomy(n_species: int, seed: int) -> list[Species]:
-    """4 classes x 2 families x 2 genera x k species; one species in four is unseen."""
+    """4 classes x 2 families x 2 genera, species spread evenly; see the module docstring
+    for which are unseen and for the hidden attributes."""
     rng = np.random.default_rng([seed, 1])
-    per_genus = max(1, math.ceil(n_species / 16))
+    sizes = genus_sizes(n_species)
     used: set[str] = set()
 
     def unique(make):
@@ -102,6 +128,8 @@ def make_taxonomy(n_species: int, seed: int) -> list[Species]:
                 return s
         raise RuntimeError("name space exhausted")
 
+    hidden_rng = np.random.default_rng([seed, 4])
+    tempo, mark, secret = (hidden_rng.permutation(np.arange(n_species) % 2) for _ in range(3))
     out: list[Species] = []
     genus_idx = 0
     for ci, klass in enumerate(CLASSES):
@@ -110,42 +138,48 @@ def make_taxonomy(n_species: int, seed: int) -> list[Species]:
             family = unique(lambda: _word(rng, 2).capitalize() + "idae")
             for gi in range(2):
                 genus = unique(lambda: _word(rng, 3).capitalize())
-                for si in range(per_genus):
-                    if len(out) >= n_species:
-                        break
+                for si in range(sizes[genus_idx]):
                     epithet = unique(lambda: _word(rng, 2) + str(rng.choice(["us", "a", "is", "um"])))
                     common = unique(
                         lambda: f"{rng.choice(_ADJ)} {_COLOURS[genus_idx % 16]} {COMMON_NOUN[klass]}"
                     )
+                    k = len(out)
+                    seen = (si < sizes[genus_idx] - 1) if max(sizes) > 1 else (k % 4 != 3)
                     out.append(Species(
-                        species_id=len(out), klass=klass, order=order, family=family, genus=genus,
+                        species_id=k, klass=klass, order=order, family=family, genus=genus,
                         scientific_name=f"{genus} {epithet}", common_name=common, class_idx=ci,
                         family_idx=fi, genus_idx=genus_idx, genus_in_family=gi,
-                        species_in_genus=si, seen=True))
+                        species_in_genus=si, seen=seen, tempo=int(tempo[k]), mark=int(mark[k]),
+                        secret=int(secret[k])))
                 genus_idx += 1
-    # hold out every fourth species (spread over classes) as unseen
-    return [
-        Species(**{**s.__dict__, "seen": (s.species_id % 4) != 3}) for s in out
-    ]
+    return out
 
 
 # ----------------------------------------------------------------------------- traits
 
 
+# trait groups labelled from the hidden attributes: (attribute, label if 0, label if 1)
+HIDDEN_TRAITS = {"activity": ("tempo", "nocturnal", "diurnal"),  # audible only
+                 "social": ("mark", "solitary", "group"),  # visible only
+                 "migration": ("secret", "resident", "migratory")}  # neither
+
+
 def traits_for(sp: Species, rng: np.random.Generator) -> dict[str, int]:
-    """Trait labels derived from the taxonomy (class/family/genus), with 5 % label noise."""
+    """Trait labels: activity, social and migration from the hidden attributes (exact); the
+    other groups from the taxonomy (class/family/genus), with 5 % label noise."""
     on: set[str] = set()
-    cls_traits = {
-        0: ("flying", "aerial", "diurnal", "pair"), 1: ("swimming", "aquatic", "nocturnal", "solitary"),
-        2: ("walking", "terrestrial", "crepuscular", "group"), 3: ("flying", "arboreal", "nocturnal", "group"),
-    }[sp.class_idx]
-    on.update(cls_traits)
+    on.update({0: ("flying", "aerial"), 1: ("swimming", "aquatic"), 2: ("walking", "terrestrial"),
+               3: ("flying", "arboreal")}[sp.class_idx])
     on.add(HABITATS[(sp.family_idx + 2 * sp.class_idx) % 6])
     on.add(("tropical", "temperate", "arid", "polar")[(sp.class_idx + sp.family_idx) % 4])
     on.add(TRAIT_GROUPS["diet"][sp.genus_idx % 6])
-    on.add(TRAIT_GROUPS["migration"][sp.genus_idx % 3])
+    hidden = {f"trait_{g}_{labels[sp.hidden()[attr]]}" for g, (attr, *labels) in HIDDEN_TRAITS.items()}
     labels = {}
     for col in TRAIT_COLUMNS:
+        group = col.split("_", 2)[1]
+        if group in HIDDEN_TRAITS:
+            labels[col] = int(col in hidden)
+            continue
         v = int(col.split("_", 2)[2] in on)
         if rng.random() < 0.05:
             v = 1 - v
@@ -214,7 +248,7 @@ def _reasons(kinds: dict[str, str]) -> dict[str, int]:
 
 def make_synthetic(
     out: str | Path,
-    n_species: int = 32,
+    n_species: int = 40,
     seed: int = 0,
     train_clips: tuple[int, int] = (3, 26),
     train_images: tuple[int, int] = (8, 21),
@@ -249,7 +283,7 @@ def make_synthetic(
     write_table(out, "image", image_rows, rows_per_shard)
     write_table(out, "taxa", taxa_rows, rows_per_shard)
     manifest = {
-        "seed": seed, "n_species": len(species), "n_seen": len(seen),
+        "world": WORLD, "seed": seed, "n_species": len(species), "n_seen": len(seen),
         "audio_rows": len(audio_rows), "image_rows": len(image_rows),
         "corrupt": {"audio": _reasons(CORRUPT_AUDIO), "image": _reasons(CORRUPT_IMAGE)},
     }

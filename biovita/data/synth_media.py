@@ -36,6 +36,7 @@ def synth_call(sp: Species, rng: np.random.Generator, sr: int, seconds: float) -
     f0 *= 1.0 + 0.12 * sp.species_in_genus
     # genus: rhythm (syllables per second) and modulation depth
     rate = 3.0 if sp.genus_in_family == 0 else 6.5
+    rate *= (0.6, 1.6)[sp.tempo]  # species: call tempo (a hidden attribute, heard only)
     mod = 0.15 if sp.genus_in_family == 0 else 0.35
     # species: syllable pattern within a phrase (durations in units of 1/rate)
     pattern = ((1.0, 1.0, 1.0), (0.5, 0.5, 1.6), (1.6, 0.5), (0.4, 0.4, 0.4, 0.4))[
@@ -199,6 +200,10 @@ def synth_image(sp: Species, rng: np.random.Generator) -> "object":
                 if ((x - body[0]) // 20 + (y - body[1]) // 20) % 2 == 0:
                     pd.rectangle((x, y, x + 19, y + 19), fill=dark)
     canvas.paste(pat, (0, 0), Image.composite(pat, Image.new("RGBA", (S, S)), mask).getchannel("A"))
+    if sp.mark:  # a hidden attribute, seen only: a bright spot on the body
+        cx, cy = (body[0] + body[2]) // 2, (body[1] + body[3]) // 2
+        d.ellipse((cx - 18, cy - 18, cx + 18, cy + 18), fill=(255, 240, 40, 255),
+                  outline=(200, 0, 0, 255), width=4)
     # pose: rotation, mirror, scale, position
     animal = canvas.rotate(float(rng.uniform(-25, 25)), resample=Image.BICUBIC)
     if rng.random() < 0.5:

@@ -44,12 +44,29 @@ def run_chain(cfg: Config, tracker: Tracker, stages: list[Stage], init: str,
 
 
 def ensure_data(cfg: Config) -> None:
-    if exists(cfg.data.root):
-        return
-    if not cfg.data.synth_if_missing:
-        raise FileNotFoundError(f"no media store at {cfg.data.root}")
-    from biovita.data.synth import make_synthetic
+    """The store at `data.root`; the synthetic one is made when missing, and made again when
+    it was made for another world (species count, seed or an older generator)."""
+    import json
+    import shutil
+    from pathlib import Path
 
-    print(f"creating the synthetic dataset in {cfg.data.root} ...", flush=True)
-    make_synthetic(cfg.data.root, n_species=cfg.data.synth_species, seed=cfg.data.synth_seed,
-                   progress=True)
+    from biovita.data.synth import WORLD, make_synthetic
+
+    root, d = cfg.data.root, cfg.data
+    meta = Path(root) / "meta.json" if "://" not in root else None
+    if exists(root):
+        if meta is None or not meta.is_file() or not d.synth_if_missing:
+            return
+        m = json.loads(meta.read_text())
+        made_here = "corrupt" in m and "profile" not in m  # make_synthetic's manifest
+        if not made_here or (m.get("n_species"), m.get("seed"), m.get("world", 1)) == (
+                d.synth_species, d.synth_seed, WORLD):
+            return
+        print(f"the synthetic dataset in {root} was made for another world ({m.get('n_species')} "
+              f"species, seed {m.get('seed')}, generator {m.get('world', 1)}); making it again",
+              flush=True)
+        shutil.rmtree(root)
+    elif not d.synth_if_missing:
+        raise FileNotFoundError(f"no media store at {root}")
+    print(f"creating the synthetic dataset in {root} ...", flush=True)
+    make_synthetic(root, n_species=d.synth_species, seed=d.synth_seed, progress=True)

@@ -75,10 +75,15 @@ def _train_meta(root: str, table: str) -> tuple[list[str], list[int]]:
 def stage_plans(cfg: Config, stage: Stage, image_emb=None) -> list[dict]:
     """One plan per epoch, from the store's metadata alone. Deterministic: the driver and
     every (re)start of the stage's workers draw the same plans."""
+    from biovita.bench.validation import held_out_ids
+
+    held = held_out_ids(cfg.train.validation)
     ids, species = _train_meta(cfg.data.root, stage.table)
+    ids, species = [i for i in ids if i not in held], [s for i, s in zip(ids, species) if i not in held]
     data = PlanInputs(ids, species)
     if stage.image_embeddings:
-        data = PlanInputs(ids, species, list(image_emb[0]), [int(s) for s in image_emb[2]])
+        pairs = [(i, int(s)) for i, s in zip(image_emb[0], image_emb[2]) if i not in held]
+        data = PlanInputs(ids, species, [p[0] for p in pairs], [p[1] for p in pairs])
     first = stage.epoch_offset(cfg)
     return stage.plans(cfg, data, range(first, first + stage.settings(cfg).epochs))
 

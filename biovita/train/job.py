@@ -92,27 +92,35 @@ def run(cfg, bench: bool = True) -> str | None:
 
 
 def run_benchmarks(cfg, models: dict[str, str], tracker) -> str:
-    """Build the benchmark from the store, score stage 1 and stage 2, print and log."""
+    """Build the seen and unseen benchmarks from the store (official layout, beside the run),
+    score stage 1 and stage 2 on each, print and log; `results.json` holds the final stage's
+    scores keyed by split."""
     from biovita.bench.build import build_benchmark
+    from biovita.bench.report import format_summary
     from biovita.bench.run import evaluate
     from biovita.data.store import is_remote
     from biovita.train.driver import run_dir
 
     local = Path(run_dir(cfg)) if not is_remote(run_dir(cfg)) else Path("results") / cfg.train.run_name
-    bench = Path(cfg.bench.out) if cfg.bench.out else local / f"bench_{cfg.bench.split}"
-    if not (bench / "bench.json").exists():
-        build_benchmark(cfg.data.root, bench, cfg.bench.candidates, cfg.bench.split, cfg.bench.seed)
-    scored = {}
-    for stage in ("stage1", "stage2.phase2"):
-        if stage not in models:
-            continue
-        name = "stage2" if stage == "stage2.phase2" else stage
-        scored[stage] = evaluate(bench, models[stage], local / "features" / stage,
-                                 use_gpu=cfg.train.use_gpu, json_out=local / f"results_{name}.json",
-                                 logger=tracker.parent, prefix=f"bench_{name}",
-                                 title=f"BioVITA Bench ({cfg.bench.split}) - {name}")
-    final_stage = "stage2.phase2" if "stage2.phase2" in scored else "stage1"
-    result = {**scored[final_stage], "stage": final_stage, "checkpoint": models[final_stage]}
+    base = Path(cfg.bench.out) if cfg.bench.out else local
+    stages = [s for s in ("stage1", "stage2.phase2") if s in models]
+    scored: dict[str, dict[str, dict]] = {}  # split -> stage -> result
+    for split in cfg.bench.split_list():
+        bench = base / f"bench_{split}"
+        if not (bench / "bench.json").exists():
+            build_benchmark(cfg.data.root, bench, cfg.bench.candidates, split, cfg.bench.seed)
+        suffix = "" if split == "seen" else f"_{split}"
+        for stage in stages:
+            name = "stage2" if stage == "stage2.phase2" else stage
+            scored.setdefault(split, {})[stage] = evaluate(
+                bench, models[stage], local / "features" / stage, use_gpu=cfg.train.use_gpu,
+                json_out=local / f"results_{name}{suffix}.json", logger=tracker.parent,
+                prefix=f"bench_{name}{suffix}", title=f"BioVITA Bench ({split}) - {name}")
+    final_stage = stages[-1]
+    print()
+    print(format_summary(scored))
+    result = {"stage": final_stage, "checkpoint": models[final_stage],
+              **{split: by_stage[final_stage] for split, by_stage in scored.items()}}
     out = local / "results.json"
     out.write_text(json.dumps(result, indent=1))
     if tracker.parent:
@@ -120,8 +128,9 @@ def run_benchmarks(cfg, models: dict[str, str], tracker) -> str:
         from biovita.bench.report import mean_top1
         from biovita.models.mlflow_model import log_model
 
-        summary = {f"bench_{lvl}_avg_top1": mean_top1(scored[final_stage], lvl)
-                   for lvl in ("species", "genus", "family")}
+        summary = {f"bench{'' if split == 'seen' else '_' + split}_{lvl}_avg_top1":
+                   mean_top1(by_stage[final_stage], lvl)
+                   for split, by_stage in scored.items() for lvl in ("species", "genus", "family")}
         version = log_model(tracker.parent.run_id, tracker.uri, models[final_stage], summary,
                             register=cfg.mlflow.register_model or None)
         print(f"MLflow model: {getattr(version, 'name', 'model')} version "

@@ -187,6 +187,11 @@ class StageRun:
         total = self.settings.epochs * job.steps_per_epoch
         self.total_steps = min(total, self.settings.max_steps) if self.settings.max_steps else total
         self.step_log: list[tuple[int, dict[str, float]]] = []
+        self.val, self.val_metrics = None, {}
+        if self.cfg.train.validation:
+            from biovita.bench.validation import ValidationSet
+
+            self.val = ValidationSet.load(self.cfg.train.validation)
 
     def _new_gate(self, baseline: float) -> schedules.ATCGate:
         s2 = self.s2
@@ -239,7 +244,10 @@ class StageRun:
                 callback(StepInfo(s["step"], epoch, self.io.rank, self.io.world, self))
             self._after_step()
         s["epoch"] = self.settings.epochs
-        final = {**self.last_metrics, "step": s["step"], "baseline_atc": s.get("baseline_atc") or 0.0}
+        if self.val is not None:
+            self._validate()
+        final = {**self.last_metrics, **self.val_metrics, "step": s["step"],
+                 "baseline_atc": s.get("baseline_atc") or 0.0}
         if self.stage.per_step and s["step"]:
             final["phase2/gate_open_share"] = s["gate_open_steps"] / s["step"]
         final.setdefault("top1_batch", 0.0)
@@ -284,10 +292,33 @@ class StageRun:
         checkpoint = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
         if step % cfg.log_every == 0 or step >= self.total_steps:
             self._log()
-            if self.job.report_every_log and not checkpoint:
+            if self.job.report_every_log and not checkpoint and self.val is None:
                 self.io.report({**self.last_metrics, "step": step})  # for Tune's ASHA
+        if (self.val is not None and step % self.job.steps_per_epoch == 0
+                and step < self.total_steps):  # an epoch ended (each has steps_per_epoch steps)
+            self._validate()
+            self.io.report({**self.last_metrics, **self.val_metrics, "step": step})
         if checkpoint and step < self.total_steps:
-            self._save({**self.last_metrics, "step": step})
+            self._save({**self.last_metrics, **self.val_metrics, "step": step})
+
+    def _validate(self) -> None:
+        """Score the validation set (every rank: under ZeRO-3 a forward needs them all)."""
+        from biovita.bench.validation import score
+
+        module, dev, dtype = self.module, self.eng.device, self.eng.dtype
+        was = module.training
+        module.eval()
+        res = score(self.val, {"mel": lambda x: module.encode_audio(x.to(dev, dtype)),
+                               "pixels": lambda px: module.encode_image(px.to(dev)),
+                               "text": lambda t: module.encode_text(self.tokenizer(t).to(dev))})
+        module.train(was)
+        self.val_metrics = {f"val/{k}": v for k, v in res.items()}
+        if self.io.rank == 0:
+            print(f"[{self.stage.name}] validation after step {self.state['step']}: mean Top-1 "
+                  f"{res['top1']:.3f} (" + " ".join(f"{k} {v:.2f}" for k, v in res.items() if k != "top1")
+                  + ")", flush=True)
+            if self.logger:
+                self.logger.metrics(self.val_metrics, step=self.state["step"])
 
     def _encoders(self) -> dict[str, Callable]:
         module, dev, dtype = self.module, self.eng.device, self.eng.dtype

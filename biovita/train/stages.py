@@ -124,7 +124,8 @@ class Stage:
     settings: Callable[[Config], StageConfig]  # epochs, batch size, lr, weight decay
     plans: Callable[[Config, PlanInputs, range], list[dict]]  # one plan per epoch
     loss: LossFn
-    prompts: str = "random"  # a template drawn per sample | "fixed": one prompt per species
+    prompts: str = "random"  # a template drawn per sample | "levels": also bare genus/family
+    #                          names | "fixed": one prompt per species
     scale: str = "model"  # the logit scale of the loss: BioVITA's ("model") or open_clip's ("clip")
     hparams: Callable[[str, StageConfig, Stage2Config], tuple[float, float]] = _same_hparams
     delayed: Mapping[str, str] = field(default_factory=dict)  # role -> Stage2Config step field
@@ -147,7 +148,8 @@ STAGE0 = Stage(
     name="stage0", description="image-text base model (embedded run only; BioCLIP 2 otherwise)",
     table="image", inputs={"image": "pixels", "text": "text"},
     trainable=frozenset({"image", "text", "clip_scale"}), settings=lambda cfg: cfg.stage0,
-    plans=_balanced(lambda cfg: cfg.stage0.images_per_species), loss=_stage0_loss, scale="clip")
+    plans=_balanced(lambda cfg: cfg.stage0.images_per_species), loss=_stage0_loss, scale="clip",
+    prompts="levels")
 
 STAGE1 = Stage(
     name="stage1", description="ATC: audio tower + adapter to the frozen text tower",

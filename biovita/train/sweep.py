@@ -1,9 +1,12 @@
 """Ray Tune sweeps of temperature, loss weights and learning rates (Train V2 pattern).
 
 Each trial is a driver function that builds and fits the stage TorchTrainers (DeepSpeed inside)
-with `TuneReportCallback`, so ASHA sees the in-batch retrieval Top-1 reported during training.
-MLflow: one parent run for the sweep, one child run per trial; the best trial's config is
-written as a YAML file that `python ray_jobs/train.py --config` accepts.
+with `TuneReportCallback`. After every epoch a trial scores a validation benchmark (a few
+held-out training clips and photos of each seen species, built once per sweep and shared:
+`biovita.bench.validation`) and reports `val/top1`, the mean species Top-1 of the six
+directions, which ASHA compares. MLflow: one parent run for the sweep (with every trial's
+score), one child run per trial; the best trial's config is written as a YAML file that
+`python ray_jobs/train.py --config` accepts.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class SweepSpec:
     base_config: str = "default"  # a training config: packaged name or YAML path
     overrides: list[str] = field(default_factory=list)  # applied to the base config
     stages: list[str] = field(default_factory=lambda: ["stage1", "stage2.phase1", "stage2.phase2"])
-    metric: str = "top1_batch"
+    metric: str = "val/top1"  # or any metric the loop reports, e.g. top1_batch
     mode: str = "max"
+    validation_per_species: int = 2  # held-out clips and photos per species (0: no validation)
     searcher: str = "random"
     num_samples: int = 4
     max_concurrent_trials: int = 0  # 0 = from the cluster's CPUs/GPUs
@@ -70,6 +74,8 @@ def load_space(path: str | os.PathLike, extra_overrides: list[str] = ()) -> tupl
         raise ConfigError("sweep.mode: must be max or min")
     if spec.num_samples < 1:
         raise ConfigError("sweep.num_samples: must be >= 1")
+    if spec.metric.startswith("val/") and spec.validation_per_species < 1:
+        raise ConfigError(f"sweep.metric: {spec.metric} needs validation_per_species >= 1")
     for st in spec.stages:
         if st not in ("stage1", "stage2.phase1", "stage2.phase2"):
             raise ConfigError(f"sweep.stages: unknown stage {st!r}")
@@ -157,7 +163,8 @@ def make_driver_fn(base: Config, spec: SweepSpec, init_model: str, storage: str,
         if tracker.parent:
             tracker.parent.params(params)
         models = run_chain(cfg, tracker, [get_stage(s) for s in spec.stages], init_model,
-                           callbacks=[TuneReportCallback()], report_every_log=True)
+                           callbacks=[TuneReportCallback()],
+                           report_every_log=not cfg.train.validation)  # else once per epoch
         if tracker.parent:
             tracker.parent.tags({"biovita.final_model": models[spec.stages[-1]]})
         tracker.end()
@@ -177,7 +184,8 @@ def concurrent_trials(cfg: Config) -> int:
 
 
 def _shared_base(base: Config, spec: SweepSpec, storage: str) -> str:
-    """The trial-independent start: the init weights and (embedded run) the stage-0 model."""
+    """The trial-independent start: the init weights and (embedded run) the stage-0 model;
+    the validation set every trial scores (`base.train.validation` is set to it)."""
     from biovita.train.chain import needs_stage0, run_chain
     from biovita.train.driver import save_init
     from biovita.train.stages import STAGE0
@@ -188,6 +196,14 @@ def _shared_base(base: Config, spec: SweepSpec, storage: str) -> str:
     shared.train.storage_path = storage
     shared.mlflow.enabled = False
     init = save_init(shared)
+    if spec.validation_per_species:  # first: stage 0 must not see its photos either
+        from biovita.bench.validation import build_validation
+
+        path = f"{storage}/{spec.name}-shared/validation.npz"
+        if not (Path(path).is_file() if "://" not in path else False):
+            build_validation(base.data.root, init, path, spec.validation_per_species, base.train.seed)
+        base.train.validation = shared.train.validation = path
+        print(f"validation set: {path}", flush=True)
     if needs_stage0(shared):
         init = run_chain(shared, Tracker(shared.mlflow, "", {}), [STAGE0], init)["stage0"]
     return init
@@ -256,6 +272,7 @@ def run_sweep(spec: SweepSpec, base: Config) -> dict:
     best_cfg = trial_config(base, {k: good[0][k] for k in spec.params}, "best", storage)
     best_cfg.train.run_name = f"{spec.name}-best"
     best_cfg.train.storage_path = base.train.storage_path
+    best_cfg.train.validation = ""  # the final run trains on every training medium
     out_dir = Path(storage if "://" not in storage else "results") / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
     best_yaml = out_dir / "best_config.yaml"
@@ -264,6 +281,10 @@ def run_sweep(spec: SweepSpec, base: Config) -> dict:
     if parent:
         parent.metrics({f"best_{spec.metric}": good[0][spec.metric],
                         "sweep_seconds": time.time() - t0}, step=0)
+        # every trial's score on the parent: a curve over trials, and the table of all of them
+        for k, r in enumerate(rows):
+            parent.metrics({f"trials/{spec.metric}": r[spec.metric]}, step=k)
+        parent.table([{k: v for k, v in r.items()} for r in rows], "trials.json")
         parent.artifact(best_yaml)
         parent.artifact(plot)
         parent.end()

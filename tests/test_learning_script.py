@@ -1,0 +1,34 @@
+"""`benchmarks/learning.py` end to end on a tiny budget: every variant trained and scored on
+both splits, the table and the JSON written, a re-run reusing the finished stages."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_learning_script_tiny(tmp_path):
+    from test_job_e2e import TINY
+
+    out, js = tmp_path / "learning", tmp_path / "learning.json"
+    # one seed, a 16-species world, a handful of steps per stage
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--seeds", "3", "--out", str(out),
+           "--json", str(js), "data.synth_species=16", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+           *TINY]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(js.read_text())
+    assert set(res["top1"][0]["seen"]) == {"stage1", "no_phase2", "full", "no_gate_guard", "no_aic"}
+    assert res["top1"][0]["unseen"]["full"]["species"]["A2I"] >= 0
+    assert "no_gate_guard" in r.stdout and "stage 2 - stage 1, seen species A2I" in r.stdout
+    for v in ("full", "no_gate_guard", "no_aic"):
+        assert (out / f"seed3-{v}" / "models" / "stage2.phase2" / "model.safetensors").is_file()
+    # the ablations start from the recipe's models: no stage 0 or stage 1 of their own
+    assert not (out / "seed3-no_aic" / "models" / "stage1").exists()
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert r2.returncode == 0 and r2.stdout.count("already finished") >= 6, r2.stdout[-3000:]
