@@ -27,6 +27,9 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    if address == "local":  # a new local instance even where another runs (benchmarks, tests)
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, **kwargs)
+        return
     if address:
         ray.init(address=address, **kwargs)
         return

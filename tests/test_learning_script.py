@@ -2,7 +2,9 @@
 both splits, the table and the JSON written, a re-run reusing the finished stages."""
 
 import json
+import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -20,7 +22,9 @@ def test_learning_script_tiny(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--seeds", "3", "--out", str(out),
            "--json", str(js), "data.synth_species=16", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
            *TINY]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    # its own local Ray instance (short temp path: socket names), whatever else runs here
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": tempfile.mkdtemp(prefix="bvl")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(js.read_text())
     assert set(res["top1"][0]["seen"]) == {"stage1", "no_phase2", "full", "no_gate_guard", "no_aic"}
@@ -30,5 +34,5 @@ def test_learning_script_tiny(tmp_path):
         assert (out / f"seed3-{v}" / "models" / "stage2.phase2" / "model.safetensors").is_file()
     # the ablations start from the recipe's models: no stage 0 or stage 1 of their own
     assert not (out / "seed3-no_aic" / "models" / "stage1").exists()
-    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path, env=env)
     assert r2.returncode == 0 and r2.stdout.count("already finished") >= 6, r2.stdout[-3000:]

@@ -46,7 +46,7 @@ def test_synthetic_traits_follow_the_hidden_attributes():
         t = traits_for(s, rng)
         for group, (attr, *labels) in HIDDEN_TRAITS.items():
             assert [t[f"trait_{group}_{lab}"] for lab in labels] == [int(getattr(s, attr) == k) for k in (0, 1)]
-    for attr in ("tempo", "mark", "secret"):  # balanced, and not a function of the genus
+    for attr in ("buzz", "mark", "secret"):  # balanced, and not a function of the genus
         vals = [getattr(s, attr) for s in sp]
         assert sum(vals) == 20
         assert any(len({getattr(s, attr) for s in sp if s.genus == g}) == 2 for g in {s.genus for s in sp})

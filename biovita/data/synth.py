@@ -5,12 +5,13 @@ learnable but not trivial:
 
 - audio: class -> call type (bird whistles/trills, frog pulsed croaks, insect broadband pulse
   trains, mammal low harmonic calls); family -> frequency band; genus -> rhythm/modulation;
-  species -> fine pitch, syllable pattern and call tempo. Per clip: onset, amplitude, noise, duration
+  species -> fine pitch, syllable pattern and a buzz (a 4.5-6 kHz band in each
+  syllable, or none). Per clip: onset, amplitude, noise, duration
   (shorter and longer than 10 s), sample rate 16-48 kHz, mono/stereo, WAV/FLAC/OGG/MP3.
 - images: class -> body shape; family -> habitat background; genus -> colour; species ->
   pattern and a mark (a bright spot on the body, or none). Per image: pose, scale, position,
   noise, size, JPEG/PNG/WebP.
-- hidden attributes drawn per species, across genera: `tempo` (heard, not seen), `mark` (seen,
+- hidden attributes drawn per species, across genera: `buzz` (heard, not seen), `mark` (seen,
   not heard), `secret` (neither). The taxa table's trait labels come from them (activity,
   social, migration) and from the taxonomy (the other groups), so a trait probe has something
   true to find and something it must not find.
@@ -42,7 +43,7 @@ from biovita.data.synth_media import (
     synth_image,
 )
 
-WORLD = 2  # the generator's version, in meta.json: a store made by another is made again
+WORLD = 3  # the generator's version, in meta.json: a store made by another is made again
 CLASSES = ("Aves", "Amphibia", "Insecta", "Mammalia")
 COMMON_NOUN = {"Aves": "Warbler", "Amphibia": "Frog", "Insecta": "Cricket", "Mammalia": "Bat"}
 SAMPLE_RATES = (16_000, 22_050, 32_000, 44_100, 48_000)
@@ -86,12 +87,12 @@ class Species:
     genus_in_family: int
     species_in_genus: int
     seen: bool
-    tempo: int = 0  # 0 slow, 1 fast calls: audible only
+    buzz: int = 0  # 1: a high buzz in every syllable: audible only
     mark: int = 0  # 0 none, 1 a bright spot: visible only
     secret: int = 0  # shapes nothing
 
     def hidden(self) -> dict[str, int]:
-        return {"tempo": self.tempo, "mark": self.mark, "secret": self.secret}
+        return {"buzz": self.buzz, "mark": self.mark, "secret": self.secret}
 
     def taxonomy(self) -> dict[str, str]:
         return {"class": self.klass, "order": self.order, "family": self.family,
@@ -129,7 +130,7 @@ def make_taxonomy(n_species: int, seed: int) -> list[Species]:
         raise RuntimeError("name space exhausted")
 
     hidden_rng = np.random.default_rng([seed, 4])
-    tempo, mark, secret = (hidden_rng.permutation(np.arange(n_species) % 2) for _ in range(3))
+    buzz, mark, secret = (hidden_rng.permutation(np.arange(n_species) % 2) for _ in range(3))
     out: list[Species] = []
     genus_idx = 0
     for ci, klass in enumerate(CLASSES):
@@ -149,7 +150,7 @@ def make_taxonomy(n_species: int, seed: int) -> list[Species]:
                         species_id=k, klass=klass, order=order, family=family, genus=genus,
                         scientific_name=f"{genus} {epithet}", common_name=common, class_idx=ci,
                         family_idx=fi, genus_idx=genus_idx, genus_in_family=gi,
-                        species_in_genus=si, seen=seen, tempo=int(tempo[k]), mark=int(mark[k]),
+                        species_in_genus=si, seen=seen, buzz=int(buzz[k]), mark=int(mark[k]),
                         secret=int(secret[k])))
                 genus_idx += 1
     return out
@@ -159,7 +160,7 @@ def make_taxonomy(n_species: int, seed: int) -> list[Species]:
 
 
 # trait groups labelled from the hidden attributes: (attribute, label if 0, label if 1)
-HIDDEN_TRAITS = {"activity": ("tempo", "nocturnal", "diurnal"),  # audible only
+HIDDEN_TRAITS = {"activity": ("buzz", "diurnal", "nocturnal"),  # audible only
                  "social": ("mark", "solitary", "group"),  # visible only
                  "migration": ("secret", "resident", "migratory")}  # neither
 

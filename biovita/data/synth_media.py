@@ -36,7 +36,6 @@ def synth_call(sp: Species, rng: np.random.Generator, sr: int, seconds: float) -
     f0 *= 1.0 + 0.12 * sp.species_in_genus
     # genus: rhythm (syllables per second) and modulation depth
     rate = 3.0 if sp.genus_in_family == 0 else 6.5
-    rate *= (0.6, 1.6)[sp.tempo]  # species: call tempo (a hidden attribute, heard only)
     mod = 0.15 if sp.genus_in_family == 0 else 0.35
     # species: syllable pattern within a phrase (durations in units of 1/rate)
     pattern = ((1.0, 1.0, 1.0), (0.5, 0.5, 1.6), (1.6, 0.5), (0.4, 0.4, 0.4, 0.4))[
@@ -68,6 +67,9 @@ def synth_call(sp: Species, rng: np.random.Generator, sr: int, seconds: float) -
                 vib = 1 + 0.5 * mod * np.sin(2 * np.pi * 5 * tt)
                 phase = 2 * np.pi * np.cumsum(f0_clip * vib) / sr
                 sig = sum(np.sin(h * phase) * (0.8 ** h) for h in range(1, 7))
+            if sp.buzz:  # a hidden attribute, heard only: a 4.5-6 kHz band in each syllable
+                sig = sig + 0.6 * sum(np.sin(2 * np.pi * f * tt + ph) for f, ph in zip(
+                    np.linspace(4500, 6000, 7), rng.uniform(0, 2 * np.pi, 7))) / 7 ** 0.5
             out[i0:i1] += env * sig
             pos += unit / rate
         pos += rng.uniform(0.4, 1.0)  # gap between phrases
@@ -202,8 +204,8 @@ def synth_image(sp: Species, rng: np.random.Generator) -> "object":
     canvas.paste(pat, (0, 0), Image.composite(pat, Image.new("RGBA", (S, S)), mask).getchannel("A"))
     if sp.mark:  # a hidden attribute, seen only: a bright spot on the body
         cx, cy = (body[0] + body[2]) // 2, (body[1] + body[3]) // 2
-        d.ellipse((cx - 18, cy - 18, cx + 18, cy + 18), fill=(255, 240, 40, 255),
-                  outline=(200, 0, 0, 255), width=4)
+        d.ellipse((cx - 34, cy - 34, cx + 34, cy + 34), fill=(255, 240, 40, 255),
+                  outline=(200, 0, 0, 255), width=6)
     # pose: rotation, mirror, scale, position
     animal = canvas.rotate(float(rng.uniform(-25, 25)), resample=Image.BICUBIC)
     if rng.random() < 0.5:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from biovita.config import Config
 from biovita.data.store import exists
-from biovita.train.driver import image_embeddings, run_stage
+from biovita.train.driver import image_embeddings, run_stage, stage_done
 from biovita.train.stages import PHASE1, PHASE2, STAGE0, STAGE1, Stage
 from biovita.train.tracking import Tracker
 
@@ -35,7 +35,7 @@ def run_chain(cfg: Config, tracker: Tracker, stages: list[Stage], init: str,
     Extra keyword arguments go to every `run_stage` (Tune callbacks, test hooks)."""
     models, last, emb = {}, init, None
     for stage in stages:
-        if stage.image_embeddings and emb is None:
+        if stage.image_embeddings and emb is None and not stage_done(cfg, stage.name):
             print("[stage2] embedding training images with the frozen image tower ...", flush=True)
             emb = image_embeddings(cfg, last)
         last = models[stage.name] = run_stage(cfg, stage, last, tracker,
