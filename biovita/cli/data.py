@@ -13,7 +13,7 @@ def _synth(a) -> int:
     else:
         from biovita.data.synth import make_synthetic
 
-        m = make_synthetic(a.out, n_species=a.species or 32, seed=a.seed, progress=True)
+        m = make_synthetic(a.out, n_species=a.species or 40, seed=a.seed, progress=True)
     print(json.dumps(m, indent=1))
     return 0
 
@@ -68,7 +68,7 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("synth", help="write the embedded synthetic dataset (Parquet store)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--species", type=int, default=None,
-                   help="number of species (default: 32 embedded, 12 realistic)")
+                   help="number of species (default: 40 embedded: 24 seen + 16 unseen; 12 realistic)")
     s.add_argument("--profile", choices=("embedded", "realistic"), default="embedded",
                    help="embedded: the small default (short clips, small images); realistic: shaped "
                         "like the release (5 s - 5 min recordings as MP3/M4A/WAV/FLAC/OGG, 1-12 MP "
