@@ -27,8 +27,10 @@ DEFAULT_CONFIG = PACKAGED_CONFIGS / "default.yaml"
 class DataConfig:
     root: str = "data/synthetic"  # Parquet store: local folder or s3:// / gs:// URI
     synth_if_missing: bool = False  # create the embedded synthetic dataset when root is empty
-    synth_species: int = 32  # species in the synthetic set (seen + unseen)
-    synth_seed: int = 0
+    # the synthetic set's species (seen + unseen) and seed: 0 / -1 = those of the store at root
+    # (40 species, seed 0 when making one); set, and unlike the store's, the store is made again
+    synth_species: int = 0
+    synth_seed: int = -1
     per_species_cap: int = 20  # species-balanced epochs: at most this many clips per species
     per_species_min: int = 5  # species with fewer clips are oversampled to this many
     triplets_per_species: int = 20  # stage-2 triplets per species and epoch
@@ -275,7 +277,9 @@ def _validate_data(cfg: Config) -> None:
     _require(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0")
     # below what a stream holds anyway (its inputs, a task's output) decoding never starts
     _require(d.decode_ahead_mb >= 64, "data.decode_ahead_mb", f"must be >= 64, got {d.decode_ahead_mb}")
-    _require(d.synth_species >= 8, "data.synth_species", f"must be >= 8, got {d.synth_species}")
+    _require(d.synth_species == 0 or d.synth_species >= 8, "data.synth_species",
+             f"must be >= 8 (or 0: the store's), got {d.synth_species}")
+    _require(d.synth_seed >= -1, "data.synth_seed", f"must be >= 0 (or -1: the store's), got {d.synth_seed}")
     if not _is_remote(d.root) and not d.synth_if_missing:
         _require(
             Path(d.root).exists(),

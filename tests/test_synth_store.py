@@ -140,3 +140,38 @@ def test_media_shards_store_bytes_plain_in_small_row_groups(tmp_path):
     codecs = {n: meta.row_group(0).column(i).compression for i, n in enumerate(names)}
     assert codecs["bytes"] == "UNCOMPRESSED" and codecs["id"] == "ZSTD"
     assert read_table(tmp_path, "audio")["id"].to_pylist() == [r["id"] for r in rows]
+
+
+def test_job_keeps_the_store_at_root_unless_another_world_is_asked_for(synth_store, tmp_path):
+    import json
+
+    from biovita.config import load_config
+    from biovita.train.chain import ensure_data
+
+    def files(root):
+        return {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
+
+    # the default config names no species count or seed: the 16-species store is used as it is
+    root, _ = synth_store
+    before = files(root)
+    ensure_data(load_config("default", [f"data.root={root}"]))
+    assert files(root) == before and json.loads((root / "meta.json").read_text())["n_species"] == 16
+
+    small = tmp_path / "s"
+    make_synthetic(small, n_species=8, seed=0, train_clips=(2, 3), train_images=(2, 3),
+                   test_clips=1, test_images=1)
+    before = files(small)
+    ensure_data(load_config("default", [f"data.root={small}", "data.synth_species=8",
+                                        "data.synth_seed=0"]))
+    assert files(small) == before
+    ensure_data(load_config("default", [f"data.root={small}", "data.synth_species=8",
+                                        "data.synth_seed=1"]))
+    meta = json.loads((small / "meta.json").read_text())
+    assert (meta["n_species"], meta["seed"]) == (8, 1) and files(small) != before
+
+    # a store make_synthetic did not write is never touched
+    meta["profile"] = "realistic"
+    (small / "meta.json").write_text(json.dumps(meta))
+    before = files(small)
+    ensure_data(load_config("default", [f"data.root={small}", "data.synth_species=12"]))
+    assert files(small) == before

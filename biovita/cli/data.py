@@ -11,9 +11,9 @@ def _synth(a) -> int:
 
         m = make_realistic(a.out, n_species=a.species or 12, seed=a.seed, progress=True)
     else:
-        from biovita.data.synth import make_synthetic
+        from biovita.data.synth import DEFAULT_SPECIES, make_synthetic
 
-        m = make_synthetic(a.out, n_species=a.species or 40, seed=a.seed, progress=True)
+        m = make_synthetic(a.out, n_species=a.species or DEFAULT_SPECIES, seed=a.seed, progress=True)
     print(json.dumps(m, indent=1))
     return 0
 

@@ -44,6 +44,7 @@ from biovita.data.synth_media import (
 )
 
 WORLD = 3  # the generator's version, in meta.json: a store made by another is made again
+DEFAULT_SPECIES = 40  # 24 seen + 16 unseen (one per genus)
 CLASSES = ("Aves", "Amphibia", "Insecta", "Mammalia")
 COMMON_NOUN = {"Aves": "Warbler", "Amphibia": "Frog", "Insecta": "Cricket", "Mammalia": "Bat"}
 SAMPLE_RATES = (16_000, 22_050, 32_000, 44_100, 48_000)
@@ -249,7 +250,7 @@ def _reasons(kinds: dict[str, str]) -> dict[str, int]:
 
 def make_synthetic(
     out: str | Path,
-    n_species: int = 40,
+    n_species: int = DEFAULT_SPECIES,
     seed: int = 0,
     train_clips: tuple[int, int] = (3, 26),
     train_images: tuple[int, int] = (8, 21),

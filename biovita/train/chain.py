@@ -45,12 +45,13 @@ def run_chain(cfg: Config, tracker: Tracker, stages: list[Stage], init: str,
 
 def ensure_data(cfg: Config) -> None:
     """The store at `data.root`; the synthetic one is made when missing, and made again when
-    it was made for another world (species count, seed or an older generator)."""
+    an older generator made it or `data.synth_species` / `data.synth_seed` ask for another
+    world (only stores `make_synthetic` wrote: another store is never touched)."""
     import json
     import shutil
     from pathlib import Path
 
-    from biovita.data.synth import WORLD, make_synthetic
+    from biovita.data.synth import DEFAULT_SPECIES, WORLD, make_synthetic
 
     root, d = cfg.data.root, cfg.data
     meta = Path(root) / "meta.json" if "://" not in root else None
@@ -59,8 +60,9 @@ def ensure_data(cfg: Config) -> None:
             return
         m = json.loads(meta.read_text())
         made_here = "corrupt" in m and "profile" not in m  # make_synthetic's manifest
-        if not made_here or (m.get("n_species"), m.get("seed"), m.get("world", 1)) == (
-                d.synth_species, d.synth_seed, WORLD):
+        other = (m.get("world", 1) != WORLD or d.synth_species not in (0, m.get("n_species"))
+                 or d.synth_seed not in (-1, m.get("seed")))
+        if not made_here or not other:
             return
         print(f"the synthetic dataset in {root} was made for another world ({m.get('n_species')} "
               f"species, seed {m.get('seed')}, generator {m.get('world', 1)}); making it again",
@@ -69,4 +71,5 @@ def ensure_data(cfg: Config) -> None:
     elif not d.synth_if_missing:
         raise FileNotFoundError(f"no media store at {root}")
     print(f"creating the synthetic dataset in {root} ...", flush=True)
-    make_synthetic(root, n_species=d.synth_species, seed=d.synth_seed, progress=True)
+    make_synthetic(root, n_species=d.synth_species or DEFAULT_SPECIES, seed=max(d.synth_seed, 0),
+                   progress=True)
