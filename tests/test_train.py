@@ -96,6 +96,28 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, synth_store, tmp_path)
     assert [m.value for m in resumed] == [3]  # the checkpoint of step 3, not a fresh start
 
 
+def test_runs_with_equal_seeds_train_alike(ray_local, synth_store, tmp_path):
+    """Same config and seeds: the same initial weights, the same batches in the same order
+    (two workers, ZeRO-2), so the same loss at every step and the same model."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from biovita.train.driver import run_stage, save_init
+    from biovita.train.tracking import Tracker
+
+    root, _ = synth_store
+    losses, weights = [], []
+    for name in ("first", "again"):
+        cfg = _cfg(root, tmp_path / name, "stage0.epochs=2", "stage0.max_steps=6", "train.log_every=1",
+                   "train.run_name=same-seed", "train.seed=3")
+        out = run_stage(cfg, "stage0", save_init(cfg), Tracker.for_job(cfg))
+        losses.append([(m.step, m.value) for m in sorted(_history(cfg, "stage0", "loss")[1],
+                                                           key=lambda m: m.step)])
+        weights.append(load_file(str(Path(out) / "model.safetensors")))
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_restarted_workers_stream_from_the_checkpoint_epoch(ray_local, synth_store, tmp_path):
     """Ray Train calls StageData at every (re)start: after a checkpoint in epoch 2 the stream
     starts at epoch 2, so finished epochs are not decoded again."""
