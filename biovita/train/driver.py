@@ -233,7 +233,11 @@ def _data_config() -> DataConfig:
     execution options with these, and by default blocks reach the workers as their decoders
     finish (measured: two runs with equal seeds saw the same batches in other orders from
     step 3 on)."""
-    opts = DataConfig.default_ingest_options()
+    import warnings
+
+    with warnings.catch_warnings():  # Ray 2.60 warns of its own use of exclude_resources here
+        warnings.simplefilter("ignore")
+        opts = DataConfig.default_ingest_options()
     opts.preserve_order = True
     return DataConfig(datasets_to_split="all", execution_options=opts)
 
