@@ -197,7 +197,8 @@ def stream_dataset(root: str, table: str, spec, plans: dict[int, dict], batch_si
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     bound_decoding(ds.context, int(ahead_mb * 2**20))
     # segments leave in the epoch's order, not as their decoders finish: runs with equal
-    # seeds see equal batches
+    # seeds see equal batches (Ray Train replaces these options with its DataConfig's, which
+    # `biovita.train.driver` sets to keep the order too)
     ds.context.execution_options.preserve_order = True
     # the stream runs in Ray Train's coordinator: the trainer's progress line reports it
     ds.context.enable_progress_bars = False

@@ -236,7 +236,7 @@ def _data_config() -> DataConfig:
     import warnings
 
     with warnings.catch_warnings():  # Ray 2.60 warns of its own use of exclude_resources here
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", DeprecationWarning)
         opts = DataConfig.default_ingest_options()
     opts.preserve_order = True
     return DataConfig(datasets_to_split="all", execution_options=opts)
