@@ -28,12 +28,14 @@ def _history(cfg, stage, key):
     return runs, (client.get_metric_history(runs[0].info.run_id, key) if runs else [])
 
 
-def test_two_workers_zero2_loss_falls_and_checkpoint_reported(ray_local, synth_store, tmp_path):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_workers_zero_loss_falls_and_checkpoint_reported(ray_local, synth_store, tmp_path, zero):
     from biovita.train.driver import run_stage, save_init
     from biovita.train.tracking import Tracker
 
     root, _ = synth_store
-    cfg = _cfg(root, tmp_path, "stage0.epochs=6", "stage0.max_steps=12", "train.run_name=zero2")
+    cfg = _cfg(root, tmp_path, "stage0.epochs=6", "stage0.max_steps=12", "train.run_name=zero2",
+               f"train.zero_stage={zero}")
     tracker = Tracker.for_job(cfg)
     out = run_stage(cfg, "stage0", save_init(cfg), tracker)
     runs, loss = _history(cfg, "stage0", "loss")
@@ -47,6 +49,13 @@ def test_two_workers_zero2_loss_falls_and_checkpoint_reported(ray_local, synth_s
     assert any("zero_pp_rank_0" in s for s in shards) and any("zero_pp_rank_1" in s for s in shards)
     assert read_meta(out)["metadata"]["step"] == 12
     assert read_meta(out)["metadata"]["taxa"]
+    # stage 0 logs the scale it trains (open_clip's), not BioVITA's untouched one
+    from biovita.models.checkpoint import load_biovita
+    model = load_biovita(out)
+    _, scale = _history(cfg, "stage0", "logit_scale")
+    logged = sorted(scale, key=lambda m: m.step)[-1].value
+    assert logged == pytest.approx(float(model.clip.logit_scale.exp()), rel=1e-5)
+    assert logged != pytest.approx(float(model.logit_scale.exp()), rel=1e-4)
 
 
 class KillOnce:

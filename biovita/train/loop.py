@@ -360,9 +360,12 @@ class StageRun:
         if "atc" in logged:
             logged["atc"], = losses.all_mean([logged["atc"]])
         eng.step()
-        if stage.scale == "model":
-            eng.clamp(module.logit_scale)
+        eng.clamp(self._scale_param())  # open_clip's training clamps its scale too (to ln 100)
         return logged
+
+    def _scale_param(self) -> torch.Tensor:
+        """The logit-scale parameter of the stage's loss: BioVITA's, or open_clip's (stage 0)."""
+        return self.module.logit_scale if self.stage.scale == "model" else self.module.clip.logit_scale
 
     def _learning_rates(self) -> dict[str, float]:
         """Each optimizer group's learning rate this step (0 before its delayed start)."""
@@ -374,7 +377,7 @@ class StageRun:
         s, module = self.state, self.module
         window = self.meter.window(s["step"])
         self.last_metrics = {**window, **self._learning_rates(), "epoch": s["epoch"],
-                             "logit_scale": float(self.eng.master_value(module.logit_scale).exp())}
+                             "logit_scale": float(self.eng.master_value(self._scale_param()).exp())}
         steps, self.step_log = self.step_log, []
         if self.io.rank != 0:
             return
