@@ -34,7 +34,7 @@ def test_two_workers_zero_loss_falls_and_checkpoint_reported(ray_local, synth_st
     from biovita.train.tracking import Tracker
 
     root, _ = synth_store
-    cfg = _cfg(root, tmp_path, "stage0.epochs=6", "stage0.max_steps=12", "train.run_name=zero2",
+    cfg = _cfg(root, tmp_path, "stage0.epochs=6", "stage0.max_steps=12", f"train.run_name=zero{zero}",
                f"train.zero_stage={zero}")
     tracker = Tracker.for_job(cfg)
     out = run_stage(cfg, "stage0", save_init(cfg), tracker)
@@ -42,7 +42,7 @@ def test_two_workers_zero_loss_falls_and_checkpoint_reported(ray_local, synth_st
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     values = [m.value for m in sorted(loss, key=lambda m: m.step)]
     assert len(values) >= 4 and values[-1] < values[0]
-    ckpts = sorted(p for p in (Path(tmp_path) / "runs" / "zero2" / "ray" / "zero2-stage0").glob("checkpoint_*")
+    ckpts = sorted(p for p in (Path(tmp_path) / "runs" / f"zero{zero}" / "ray" / f"zero{zero}-stage0").glob("checkpoint_*")
                    if p.is_dir())
     assert ckpts, "no Ray Train checkpoint was reported"
     shards = {p.name for p in (ckpts[-1] / "ds").iterdir()}
@@ -53,7 +53,7 @@ def test_two_workers_zero_loss_falls_and_checkpoint_reported(ray_local, synth_st
     from biovita.models.checkpoint import load_biovita
     model = load_biovita(out)
     _, scale = _history(cfg, "stage0", "logit_scale")
-    logged = sorted(scale, key=lambda m: m.step)[-1].value
+    logged = max(scale, key=lambda m: m.step).value
     assert logged == pytest.approx(float(model.clip.logit_scale.exp()), rel=1e-5)
     assert logged != pytest.approx(float(model.logit_scale.exp()), rel=1e-4)
 

@@ -95,6 +95,10 @@ class BioVITA(nn.Module):
         forward computes them (ZeRO-3 gathers them only there)."""
         return self(scales_only=True)
 
+    def logit_scale_param(self, kind: str) -> nn.Parameter:
+        """The parameter behind `logit_scales()[kind]`: BioVITA's ("model") or open_clip's ("clip")."""
+        return {"model": self.logit_scale, "clip": self.clip.logit_scale}[kind]
+
     def embed_texts(self, texts: list[str], batch_size: int = 256):
         """L2-normalised embeddings (numpy, float32) of strings, tokenized here."""
         import numpy as np

@@ -360,12 +360,8 @@ class StageRun:
         if "atc" in logged:
             logged["atc"], = losses.all_mean([logged["atc"]])
         eng.step()
-        eng.clamp(self._scale_param())  # open_clip's training clamps its scale too (to ln 100)
+        eng.clamp(module.logit_scale_param(stage.scale))  # open_clip's training clamps its scale too
         return logged
-
-    def _scale_param(self) -> torch.Tensor:
-        """The logit-scale parameter of the stage's loss: BioVITA's, or open_clip's (stage 0)."""
-        return self.module.logit_scale if self.stage.scale == "model" else self.module.clip.logit_scale
 
     def _learning_rates(self) -> dict[str, float]:
         """Each optimizer group's learning rate this step (0 before its delayed start)."""
@@ -376,8 +372,9 @@ class StageRun:
     def _log(self) -> None:
         s, module = self.state, self.module
         window = self.meter.window(s["step"])
+        scale = self.eng.master_value(module.logit_scale_param(self.stage.scale))
         self.last_metrics = {**window, **self._learning_rates(), "epoch": s["epoch"],
-                             "logit_scale": float(self.eng.master_value(self._scale_param()).exp())}
+                             "logit_scale": float(scale.exp())}
         steps, self.step_log = self.step_log, []
         if self.io.rank != 0:
             return
