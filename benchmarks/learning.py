@@ -10,8 +10,9 @@ phase-1 models:
 - `no_aic`: both phases again with ATC only (`stage2.w_aic=0 stage2.w_atc=1
   stage2.lam_av_max=0`).
 Every model is scored on the seen and the unseen benchmark of its world; the script prints
-mean and standard deviation over the seeds per direction and level, and the paired
-difference stage 2 - stage 1 on A2I and I2A. Finished stages are reused on a re-run (the run
+mean and standard deviation over the seeds per direction and level, and paired differences
+(same seed, so the world's own difficulty cancels): stage 2 - stage 1 on A2I and I2A, and the
+full recipe against each variant. Finished stages are reused on a re-run (the run
 folders under --out), so an interrupted run resumes. Every stage is an MLflow run in the
 experiment `biovita-learning`.
 
@@ -104,8 +105,24 @@ def table(per_seed: list[dict], split: str, level: str) -> str:
 
 
 def paired(per_seed: list[dict], split: str, a: str, b: str, d: str, level: str = "species"):
-    diffs = [top1(r[split][a], level, d) - top1(r[split][b], level, d) for r in per_seed]
+    """Mean and standard deviation over seeds of a - b in direction `d` ("avg": of the six)."""
+    def val(r, v):
+        return (statistics.mean(top1(r[split][v], level, x) for x in DIRS) if d == "avg"
+                else top1(r[split][v], level, d))
+    diffs = [val(r, a) - val(r, b) for r in per_seed]
     return statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0), diffs
+
+
+def paired_table(per_seed: list[dict]) -> str:
+    """The full recipe minus each other variant, species level, per seed paired."""
+    cols = [(split, d) for split in ("seen", "unseen") for d in ("avg", "A2I", "I2A")]
+    head = f"{'full - variant':<22}" + "".join(f"{s + ' ' + d:>14}" for s, d in cols)
+    lines = [head, "-" * len(head)]
+    for v in ORDER:
+        if v != "full":
+            cells = [paired(per_seed, s, "full", v, d)[:2] for s, d in cols]
+            lines.append(f"{v:<22}" + "".join(f"{m:>+8.1f}±{sd:<5.1f}" for m, sd in cells))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -139,6 +156,8 @@ def main(argv=None) -> int:
         for level in LEVELS:
             print()
             print(table(per_seed, split, level))
+    print("\nPaired differences, species Top-1 points (mean ± standard deviation over seeds)")
+    print(paired_table(per_seed))
     print()
     diffs = {}
     for split in ("seen", "unseen"):
@@ -151,6 +170,9 @@ def main(argv=None) -> int:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({
             "seeds": a.seeds, "seconds": seconds, "stage2_minus_stage1": diffs,
+            "full_minus": {v: {f"{s}/{d}": dict(zip(("mean", "sd", "per_seed"), paired(per_seed, s, "full", v, d)))
+                               for s in ("seen", "unseen") for d in ("avg", *DIRS)}
+                           for v in ORDER if v != "full"},
             "top1": [{split: {v: {lvl: {d: top1(r[split][v], lvl, d) for d in DIRS} for lvl in LEVELS}
                               for v in ORDER} for split in ("seen", "unseen")} for r in per_seed],
             "queries": [{split: {lvl: {d: r[split]["full"][lvl][d]["n"] for d in DIRS} for lvl in LEVELS}

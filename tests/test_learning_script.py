@@ -30,6 +30,13 @@ def test_learning_script_tiny(tmp_path):
     assert set(res["top1"][0]["seen"]) == {"stage1", "no_phase2", "full", "no_gate_guard", "no_aic"}
     assert res["top1"][0]["unseen"]["full"]["species"]["A2I"] >= 0
     assert "no_gate_guard" in r.stdout and "stage 2 - stage 1, seen species A2I" in r.stdout
+    # the paired table: full - full is no row; full - stage1 there is the printed A2I difference
+    assert set(res["full_minus"]) == {"stage1", "no_phase2", "no_gate_guard", "no_aic"}
+    assert res["full_minus"]["stage1"]["seen/A2I"]["mean"] == pytest.approx(
+        res["stage2_minus_stage1"]["seen/A2I"]["mean"])
+    top = res["top1"][0]["unseen"]
+    assert res["full_minus"]["no_aic"]["unseen/avg"]["mean"] == pytest.approx(
+        sum(top["full"]["species"][d] - top["no_aic"]["species"][d] for d in top["full"]["species"]) / 6)
     for v in ("full", "no_gate_guard", "no_aic"):
         assert (out / f"seed3-{v}" / "models" / "stage2.phase2" / "model.safetensors").is_file()
     # the ablations start from the recipe's models: no stage 0 or stage 1 of their own
