@@ -87,6 +87,9 @@ def score(cfg, models: dict[str, str], out: Path, log) -> dict:
 
 
 def top1(result: dict, level: str, d: str) -> float:
+    """Top-1 % of one direction, or with d="avg" the mean of the six."""
+    if d == "avg":
+        return statistics.mean(top1(result, level, x) for x in DIRS)
     return 100 * result[level][d]["top1"]
 
 
@@ -96,8 +99,7 @@ def table(per_seed: list[dict], split: str, level: str) -> str:
     for v in ORDER:
         cells = []
         for d in (*DIRS, "avg"):
-            vals = [(statistics.mean(top1(r[split][v], level, x) for x in DIRS) if d == "avg"
-                     else top1(r[split][v], level, d)) for r in per_seed]
+            vals = [top1(r[split][v], level, d) for r in per_seed]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):>7.1f}±{sd:<5.1f}")
         lines.append(f"{v:<22}" + "".join(cells))
@@ -106,10 +108,7 @@ def table(per_seed: list[dict], split: str, level: str) -> str:
 
 def paired(per_seed: list[dict], split: str, a: str, b: str, d: str, level: str = "species"):
     """Mean and standard deviation over seeds of a - b in direction `d` ("avg": of the six)."""
-    def val(r, v):
-        return (statistics.mean(top1(r[split][v], level, x) for x in DIRS) if d == "avg"
-                else top1(r[split][v], level, d))
-    diffs = [val(r, a) - val(r, b) for r in per_seed]
+    diffs = [top1(r[split][a], level, d) - top1(r[split][b], level, d) for r in per_seed]
     return statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0), diffs
 
 
