@@ -158,17 +158,15 @@ def main(argv=None) -> int:
     print("\nPaired differences, species Top-1 points (mean ± standard deviation over seeds)")
     print(paired_table(per_seed))
     print()
-    diffs = {}
     for split in ("seen", "unseen"):
         for d in ("A2I", "I2A"):
             m, sd, each = paired(per_seed, split, "full", "stage1", d)
-            diffs[f"{split}/{d}"] = {"mean": m, "sd": sd, "per_seed": each}
             print(f"stage 2 - stage 1, {split} species {d}: {m:+.1f} ± {sd:.1f} points "
                   f"(per seed: {', '.join(f'{x:+.1f}' for x in each)})")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({
-            "seeds": a.seeds, "seconds": seconds, "stage2_minus_stage1": diffs,
+            "seeds": a.seeds, "seconds": seconds,
             "full_minus": {v: {f"{s}/{d}": dict(zip(("mean", "sd", "per_seed"), paired(per_seed, s, "full", v, d)))
                                for s in ("seen", "unseen") for d in ("avg", *DIRS)}
                            for v in ORDER if v != "full"},

@@ -30,10 +30,11 @@ def test_learning_script_tiny(tmp_path):
     assert set(res["top1"][0]["seen"]) == {"stage1", "no_phase2", "full", "no_gate_guard", "no_aic"}
     assert res["top1"][0]["unseen"]["full"]["species"]["A2I"] >= 0
     assert "no_gate_guard" in r.stdout and "stage 2 - stage 1, seen species A2I" in r.stdout
-    # the paired table: full - full is no row; full - stage1 there is the printed A2I difference
+    # the paired table: full - full is no row; full - stage1 is the printed stage 2 - stage 1
     assert set(res["full_minus"]) == {"stage1", "no_phase2", "no_gate_guard", "no_aic"}
-    assert res["full_minus"]["stage1"]["seen/A2I"]["mean"] == pytest.approx(
-        res["stage2_minus_stage1"]["seen/A2I"]["mean"])
+    seen = res["top1"][0]["seen"]["full"]["species"]["A2I"] - res["top1"][0]["seen"]["stage1"]["species"]["A2I"]
+    assert res["full_minus"]["stage1"]["seen/A2I"]["mean"] == pytest.approx(seen)
+    assert f"stage 2 - stage 1, seen species A2I: {seen:+.1f}" in r.stdout
     top = res["top1"][0]["unseen"]
     assert res["full_minus"]["no_aic"]["unseen/avg"]["mean"] == pytest.approx(
         sum(top["full"]["species"][d] - top["no_aic"]["species"][d] for d in top["full"]["species"]) / 6)
