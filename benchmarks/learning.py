@@ -50,7 +50,7 @@ def seed_models(seed: int, out: Path, extra: list[str]) -> tuple[dict[str, str],
     from biovita.train.chain import ensure_data, run_chain, stages_to_run
     from biovita.train.driver import save_init
     from biovita.train.stages import get_stage
-    from biovita.train.tracking import Tracker
+    from biovita.tracking.runs import Tracker
 
     base = [f"data.root={out / f'world{seed}'}", f"data.synth_seed={seed}", f"train.seed={seed}",
             f"train.storage_path={out}", "mlflow.experiment=biovita-learning", *extra]

@@ -11,12 +11,15 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from biovita.frontends.image import MAX_IMAGE_PIXELS
-from biovita.structured import ConfigError, build, parse_override, set_path
+from biovita.locations import absolute, is_remote, tracking_uri
+from biovita.models.registry import MODEL_CONFIGS, ModelConfig
+from biovita.errors import ConfigError
+from biovita.structured import build, parse_override, set_path
 
 # Configs shipped inside the package: `--config NAME` takes one of these or a YAML path.
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -41,20 +44,6 @@ class DataConfig:
     # 0 = (cluster CPUs at start - the training workers' CPUs) / decode_cpus
     decode_concurrency: int = 0
     decode_ahead_mb: float = 512  # decoded data that may wait for the trainer before decoding pauses
-
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny"  # a registered config (`biovita list-models`), filled into the fields below
-    clip_model: str = ""  # open_clip name, hf-hub:org/repo, local-dir:/path or checkpoint folder
-    clip_pretrained: str = ""  # open_clip pretrained tag or weights file ("" = random / from hub id)
-    audio_model: str = ""  # "tiny", a hub id like laion/clap-htsat-unfused, or a save_pretrained folder
-    require_pretrained: bool = False
-    init_temperature: float = 0.07
-    # start training from a trained model instead of the towers above: a biovita folder, the
-    # released layout (hf-hub:risashinoda/BioVITA or a folder) or an authors' .pth
-    init_checkpoint: str = ""
-    clap: str = ""  # CLAP base of the released layouts ("" = laion/clap-htsat-unfused)
 
 
 @dataclass
@@ -86,7 +75,7 @@ class Stage2Config:
     w_aic: float = 0.2
     text_lr: float = 5e-6
     text_weight_decay: float = 0.01
-    upper_audio: str = "released"  # phase-2 "upper" audio parameters: released | last_stage
+    upper_audio: Literal["released", "last_stage"] = "released"  # phase-2 "upper" audio parameters
     upper_audio_lr: float = 1e-5
     upper_audio_weight_decay: float = 0.02
     upper_audio_unfreeze_step: int = 300
@@ -122,12 +111,20 @@ class TrainConfig:
     storage_path: str = "runs"  # local folder or object-store URI for Ray Train checkpoints
     run_name: str = "biovita"  # stable: a re-submitted job resumes instead of restarting
     cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD | STRICT_PACK (workers on nodes)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"  # workers on nodes
     worker_resources: dict[str, float] = field(default_factory=dict)  # e.g. {gpu_node: 1}: pin workers
     log_every: int = 10
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
+    compile: bool | None = None  # torch.compile the towers a step runs (None: on GPUs only)
     # a validation set (`biovita.bench.validation`): its media are held out of training and
     # every epoch is scored on it (val/top1: mean species Top-1 of the six directions)
     validation: str = ""
+
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+
+    def compiles(self) -> bool:
+        return self.use_gpu if self.compile is None else self.compile
 
 
 @dataclass
@@ -225,24 +222,28 @@ def load_config(
 
 
 def _absolute_paths(cfg: Config) -> None:
-    """Local paths become absolute on the driver: Ray workers and Tune trials run elsewhere."""
-    for section, key in (("data", "root"), ("train", "storage_path"), ("train", "validation"),
-                         ("bench", "out")):
-        obj = getattr(cfg, section)
-        value = getattr(obj, key)
-        if value and not _is_remote(value) and not value.startswith("file://"):
-            setattr(obj, key, str(Path(value).expanduser().resolve()))
+    """Local paths and the tracking URI become absolute on the driver: Ray workers and Tune
+    trials run in other working directories, where a relative one means another place."""
+    for obj, key in ((cfg.data, "root"), (cfg.train, "storage_path"), (cfg.train, "validation"),
+                     (cfg.bench, "out")):
+        setattr(obj, key, absolute(getattr(obj, key)))
+    cfg.mlflow.tracking_uri = tracking_uri(cfg.mlflow.tracking_uri)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a config on a worker (it was validated on the driver)."""
+    """Rebuild a config from its dict (as `to_dict` or a YAML file gives it)."""
     return build(Config, data)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    d = cfg.to_dict()
-    d["stage2"]["betas"] = list(d["stage2"]["betas"])
-    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples as lists, for YAML."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return [_plain(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
 
 # --------------------------------------------------------------------------- validation
@@ -253,119 +254,112 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+def sections(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every (key path, section) of a config tree, the root first: `("stage2.phase1", ...)`."""
+    out = [(prefix, obj)]
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += sections(value, f"{prefix}.{f.name}" if prefix else f.name)
+    return out
 
 
 def _validate(cfg: Config) -> None:
-    for check in (_validate_data, _validate_model, _validate_stages, _validate_stage2,
-                  _validate_train, _validate_bench):
-        check(cfg)
+    """Each section by its type (so a section's checks name its own key path)."""
+    checks = {DataConfig: _validate_data, ModelConfig: _validate_model, StageConfig: _validate_stage,
+              Stage0Config: _validate_stage, Stage2Config: _validate_stage2, TrainConfig: _validate_train,
+              BenchConfig: _validate_bench}
+    for path, section in sections(cfg):
+        if type(section) in checks:
+            checks[type(section)](section, path)
 
 
-def _validate_data(cfg: Config) -> None:
-    d = cfg.data
-    _require(d.per_species_min >= 1, "data.per_species_min", f"must be >= 1, got {d.per_species_min}")
+def _validate_data(d: DataConfig, key: str) -> None:
+    _require(d.per_species_min >= 1, f"{key}.per_species_min", f"must be >= 1, got {d.per_species_min}")
     _require(
         d.per_species_cap >= d.per_species_min,
-        "data.per_species_cap",
-        f"must be >= data.per_species_min ({d.per_species_min}), got {d.per_species_cap}",
+        f"{key}.per_species_cap",
+        f"must be >= {key}.per_species_min ({d.per_species_min}), got {d.per_species_cap}",
     )
-    _require(d.triplets_per_species >= 1, "data.triplets_per_species", "must be >= 1")
-    _require(d.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
-    _require(0 < d.decode_cpus <= 64, "data.decode_cpus", f"must be in (0, 64], got {d.decode_cpus}")
-    _require(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0")
+    _require(d.triplets_per_species >= 1, f"{key}.triplets_per_species", "must be >= 1")
+    _require(d.max_image_pixels > 0, f"{key}.max_image_pixels", "must be > 0")
+    _require(0 < d.decode_cpus <= 64, f"{key}.decode_cpus", f"must be in (0, 64], got {d.decode_cpus}")
+    _require(d.decode_concurrency >= 0, f"{key}.decode_concurrency", "must be >= 0")
     # below what a stream holds anyway (its inputs, a task's output) decoding never starts
-    _require(d.decode_ahead_mb >= 64, "data.decode_ahead_mb", f"must be >= 64, got {d.decode_ahead_mb}")
-    _require(d.synth_species == 0 or d.synth_species >= 8, "data.synth_species",
+    _require(d.decode_ahead_mb >= 64, f"{key}.decode_ahead_mb", f"must be >= 64, got {d.decode_ahead_mb}")
+    _require(d.synth_species == 0 or d.synth_species >= 8, f"{key}.synth_species",
              f"must be >= 8 (or 0: the store's), got {d.synth_species}")
-    _require(d.synth_seed >= -1, "data.synth_seed", f"must be >= 0 (or -1: the store's), got {d.synth_seed}")
-    if not _is_remote(d.root) and not d.synth_if_missing:
+    _require(d.synth_seed >= -1, f"{key}.synth_seed", f"must be >= 0 (or -1: the store's), got {d.synth_seed}")
+    if not is_remote(d.root) and not d.synth_if_missing:
         _require(
             Path(d.root).exists(),
-            "data.root",
+            f"{key}.root",
             f"path {d.root} does not exist (create it with `biovita synth --out {d.root}` "
             "or set data.synth_if_missing=true)",
         )
 
 
-def _validate_model(cfg: Config) -> None:
-    from biovita.models.registry import MODEL_CONFIGS  # light: no torch
-
-    m = cfg.model
-    _require(
-        m.name in MODEL_CONFIGS,
-        "model.name",
-        f"unknown model {m.name!r} (known: {', '.join(sorted(MODEL_CONFIGS))})",
-    )
-    _require(0 < m.init_temperature < 1, "model.init_temperature", "must be in (0, 1)")
-    for key in ("clip_model", "audio_model", "init_checkpoint", "clap"):
-        val = getattr(m, key)
+def _validate_model(m: ModelConfig, key: str) -> None:
+    _require(m.name in MODEL_CONFIGS, f"{key}.name",
+             f"unknown model {m.name!r} (known: {', '.join(sorted(MODEL_CONFIGS))})")
+    _require(0 < m.init_temperature < 1, f"{key}.init_temperature", "must be in (0, 1)")
+    for name in ("clip_model", "audio_model", "init_checkpoint", "clap"):
+        val = getattr(m, name)
         if val and (val.startswith("/") or val.startswith("./")) and not Path(val).exists():
-            raise ConfigError(f"model.{key}: path {val} does not exist")
+            raise ConfigError(f"{key}.{name}: path {val} does not exist")
 
 
-def _validate_stages(cfg: Config) -> None:
-    stages = {"stage0": cfg.stage0, "stage1": cfg.stage1}
-    stages.update({"stage2.phase1": cfg.stage2.phase1, "stage2.phase2": cfg.stage2.phase2})
-    for name, st in stages.items():
-        _require(st.batch_size > 0, f"{name}.batch_size", f"must be > 0, got {st.batch_size}")
-        _require(st.epochs >= 0, f"{name}.epochs", f"must be >= 0, got {st.epochs}")
-        _require(st.lr > 0, f"{name}.lr", f"must be > 0, got {st.lr}")
-        _require(st.weight_decay >= 0, f"{name}.weight_decay", "must be >= 0")
-        _require(st.max_steps >= 0, f"{name}.max_steps", "must be >= 0")
-        if name != "stage0":
-            _require(
-                st.batch_size >= 2,
-                f"{name}.batch_size",
-                "must be >= 2 (a contrastive batch needs negatives)",
-            )
-    _require(cfg.stage0.images_per_species > 0, "stage0.images_per_species", "must be > 0")
+def _validate_stage(st: StageConfig, key: str) -> None:
+    # every stage is contrastive: a batch needs negatives
+    _require(st.batch_size >= 2, f"{key}.batch_size",
+             f"must be >= 2 (a contrastive batch needs negatives), got {st.batch_size}")
+    _require(st.epochs >= 0, f"{key}.epochs", f"must be >= 0, got {st.epochs}")
+    _require(st.lr > 0, f"{key}.lr", f"must be > 0, got {st.lr}")
+    _require(st.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+    _require(st.max_steps >= 0, f"{key}.max_steps", "must be >= 0")
+    if isinstance(st, Stage0Config):
+        _require(st.images_per_species > 0, f"{key}.images_per_species", "must be > 0")
 
 
-def _validate_stage2(cfg: Config) -> None:
-    s2 = cfg.stage2
-    _require(s2.w_atc >= 0 and s2.w_aic >= 0, "stage2.w_atc", "loss weights must be >= 0")
-    _require(s2.w_atc + s2.w_aic > 0, "stage2.w_atc", "w_atc + w_aic must be > 0")
-    for key in ("text_lr", "upper_audio_lr"):
-        _require(getattr(s2, key) > 0, f"stage2.{key}", "must be > 0")
-    for key in ("lam_av_ramp_steps", "lam_vt_ramp_steps", "baseline_batches", "gate_patience"):
-        _require(getattr(s2, key) >= 1, f"stage2.{key}", f"must be >= 1, got {getattr(s2, key)}")
-    for key in ("upper_audio_unfreeze_step", "logit_freeze_steps"):
-        _require(getattr(s2, key) >= 0, f"stage2.{key}", "must be >= 0")
-    _require(0 < s2.gate_alpha <= 1, "stage2.gate_alpha", "must be in (0, 1]")
-    _require(
-        1 <= s2.gate_on_ratio <= s2.gate_off_ratio,
-        "stage2.gate_on_ratio",
-        "must satisfy 1 <= gate_on_ratio <= gate_off_ratio",
-    )
-    _require(0 < s2.logit_reset_temperature < 1, "stage2.logit_reset_temperature", "must be in (0,1)")
-    _require(s2.upper_audio in ("released", "last_stage"), "stage2.upper_audio",
-             f"must be released or last_stage, got {s2.upper_audio!r}")
+def _validate_stage2(s2: Stage2Config, key: str) -> None:
+    _require(s2.w_atc >= 0 and s2.w_aic >= 0, f"{key}.w_atc", "loss weights must be >= 0")
+    _require(s2.w_atc + s2.w_aic > 0, f"{key}.w_atc", "w_atc + w_aic must be > 0")
+    for name in ("text_lr", "upper_audio_lr"):
+        _require(getattr(s2, name) > 0, f"{key}.{name}", "must be > 0")
+    for name in ("lam_av_ramp_steps", "lam_vt_ramp_steps", "baseline_batches", "gate_patience"):
+        _require(getattr(s2, name) >= 1, f"{key}.{name}", f"must be >= 1, got {getattr(s2, name)}")
+    for name in ("upper_audio_unfreeze_step", "logit_freeze_steps"):
+        _require(getattr(s2, name) >= 0, f"{key}.{name}", "must be >= 0")
+    _require(0 < s2.gate_alpha <= 1, f"{key}.gate_alpha", "must be in (0, 1]")
+    _require(1 <= s2.gate_on_ratio <= s2.gate_off_ratio, f"{key}.gate_on_ratio",
+             "must satisfy 1 <= gate_on_ratio <= gate_off_ratio")
+    _require(0 < s2.logit_reset_temperature < 1, f"{key}.logit_reset_temperature", "must be in (0,1)")
 
 
-def _validate_train(cfg: Config) -> None:
-    t = cfg.train
-    _require(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
-    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0-3, got {t.zero_stage}")
-    _require(t.grad_clip > 0, "train.grad_clip", "must be > 0")
-    _require(t.accum_freq >= 1, "train.accum_freq", "must be >= 1")
-    _require(t.prefetch_batches >= 1, "train.prefetch_batches", "must be >= 1")
-    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
-    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    _require(t.max_failures >= -1, "train.max_failures", "must be >= -1")
-    _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
-    _require(bool(t.run_name.strip()), "train.run_name", "must not be empty")
-    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
-    _require(not t.validation or _is_remote(t.validation) or Path(t.validation).is_file(),
-             "train.validation", f"no such file {t.validation!r} (build one with "
+def _validate_train(t: TrainConfig, key: str) -> None:
+    _require(t.num_workers >= 1, f"{key}.num_workers", f"must be >= 1, got {t.num_workers}")
+    _require(t.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", f"must be 0-3, got {t.zero_stage}")
+    _require(t.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
+    _require(t.accum_freq >= 1, f"{key}.accum_freq", "must be >= 1")
+    _require(t.prefetch_batches >= 1, f"{key}.prefetch_batches", "must be >= 1")
+    _require(t.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0")
+    _require(t.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
+    _require(t.max_failures >= -1, f"{key}.max_failures", "must be >= -1")
+    _require(t.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
+    _require(bool(t.run_name.strip()), f"{key}.run_name", "must not be empty")
+    _require(t.log_every >= 1, f"{key}.log_every", "must be >= 1")
+    _require(not t.validation or is_remote(t.validation) or Path(t.validation).is_file(),
+             f"{key}.validation", f"no such file {t.validation!r} (build one with "
              "biovita.bench.validation.build_validation)")
-    _require(t.placement_strategy in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
-             "train.placement_strategy", "must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK")
+    _require(t.precision != "bf16" or t.use_gpu, f"{key}.precision",
+             "bf16 needs train.use_gpu=true (HTS-AT's batch norm has no CPU kernel for it)")
+    _require(not (t.compiles() and t.zero_stage == 3), f"{key}.compile",
+             "torch.compile runs under ZeRO 0-2 (ZeRO-3 gathers parameters around each module's "
+             "forward, which a compiled graph does not call): set train.compile=false or "
+             "train.zero_stage=2")
 
 
-def _validate_bench(cfg: Config) -> None:
-    b = cfg.bench
-    _require(b.candidates >= 2, "bench.candidates", f"must be >= 2, got {b.candidates}")
-    _require(bool(b.split_list()) and set(b.split_list()) <= {"seen", "unseen"}, "bench.splits",
+def _validate_bench(b: BenchConfig, key: str) -> None:
+    _require(b.candidates >= 2, f"{key}.candidates", f"must be >= 2, got {b.candidates}")
+    _require(bool(b.split_list()) and set(b.split_list()) <= {"seen", "unseen"}, f"{key}.splits",
              f"must name seen and/or unseen (comma-separated), got {b.splits!r}")

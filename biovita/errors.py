@@ -1,4 +1,8 @@
-"""Errors that carry a reason a user can act on."""
+"""Errors that carry a reason a user can act on: the CLI prints each as one line."""
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the offending key."""
 
 
 class MediaError(ValueError):
@@ -9,9 +13,27 @@ class MediaError(ValueError):
         self.reason = reason
 
 
+class StoreError(ValueError):
+    """A media store that cannot be used as it is (a table missing, a wrong schema); the
+    message names the files."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the key."""
+
+
+class PretrainedWeightsError(RuntimeError):
+    """`require_pretrained` was set but a tower has no pretrained weights."""
+
+
 class BenchmarkError(ValueError):
     """A malformed benchmark or feature folder; the message names the file (and row)."""
 
 
 class FetchError(ValueError):
     """A URL list that cannot be fetched as given (raised before any download starts)."""
+
+
+# what the CLI reports as one line (exit status 2) instead of a traceback
+USER_ERRORS = (ConfigError, MediaError, StoreError, CheckpointError, PretrainedWeightsError,
+               BenchmarkError, FetchError, FileNotFoundError)

@@ -56,8 +56,9 @@ class Taxon:
             return getattr(self, template)
         raise ValueError(f"unknown template {template!r} (known: {', '.join(TEMPLATES)})")
 
-    def prompts(self) -> list[str]:
-        return [self.prompt(t) for t in TEMPLATES]
+    def prompts(self, templates: tuple[str, ...] = TEMPLATES) -> list[str]:
+        """Every prompt `random_prompt` can draw for this taxon."""
+        return [self.prompt(t) for t in templates]
 
     def random_prompt(self, rng: np.random.Generator, templates: tuple[str, ...] = TEMPLATES) -> str:
         """One template drawn per training sample (from the caller's generator)."""

@@ -13,9 +13,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, always naming the offending key."""
+from biovita.errors import ConfigError
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -31,12 +29,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if origin is dict:
-        if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                for k, v in value.items()):
-            raise ConfigError(f"{key}: expected a mapping of names to numbers, got {value!r}")
-        return {k: float(v) for k, v in value.items()}
+        _, vtype = typing.get_args(tp) or (str, Any)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of names, got {value!r}")
+        return {k: _coerce(v, vtype, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (etype,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, etype, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

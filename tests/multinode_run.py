@@ -21,7 +21,7 @@ def main(root: str, storage: str) -> None:
     from biovita.data.stats import STATS_ACTOR, bad_media_counts, media_stats
     from biovita.train.driver import run_stage, save_init
     from biovita.train.stages import STAGE1
-    from biovita.train.tracking import Tracker
+    from biovita.tracking.runs import Tracker
 
     cfg = load_config(None, [
         f"data.root={root}", f"train.storage_path={storage}", "train.run_name=multinode",

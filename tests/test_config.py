@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from biovita.config import DEFAULT_CONFIG, ConfigError, load_config
+from biovita.config import DEFAULT_CONFIG, load_config
+from biovita.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,8 +26,8 @@ def logged(synth_store, tiny_model, tmp_path_factory):
 
     from biovita.config import load_config
     from biovita.models.checkpoint import save_model
-    from biovita.models.mlflow_model import log_model
-    from biovita.train.tracking import Tracker
+    from biovita.tracking.pyfunc import log_model
+    from biovita.tracking.runs import Tracker
 
     root, _ = synth_store
     tmp = tmp_path_factory.mktemp("mlflow")
@@ -82,7 +82,7 @@ def test_run_has_dataset_system_metrics_table_and_registered_model(logged, synth
 def test_mlflow_ui_shows_run_dataset_and_model(logged, chromium):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from biovita.train.tracking import experiment_link
+    from biovita.tracking.runs import experiment_link
 
     uri, tmp, run_id, _, client, root = logged
     with socket.socket() as s:

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from biovita.models.checkpoint import CheckpointError, load_model, save_model
-from biovita.models.factory import PretrainedWeightsError, create_model
+from biovita.errors import CheckpointError, PretrainedWeightsError
+from biovita.models.checkpoint import load_model, save_model
+from biovita.models.factory import create_model
 from biovita.models.registry import list_models
 
 

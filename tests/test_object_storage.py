@@ -31,7 +31,7 @@ def test_checkpoints_and_models_on_s3(s3, ray_local, synth_store, tmp_path):
     from biovita.models.checkpoint import load_model
     from biovita.data.store import fetch_dir
     from biovita.train.driver import run_stage, save_init
-    from biovita.train.tracking import Tracker
+    from biovita.tracking.runs import Tracker
 
     root, _ = synth_store
     cfg = load_config(None, [f"data.root={root}", "train.storage_path=s3://biovita/runs",

@@ -12,7 +12,7 @@ def test_real_architecture_trains_a_step_of_stage1_and_of_phase2(ray_local, tmp_
     from biovita.models.checkpoint import read_meta
     from biovita.train.driver import image_embeddings, run_stage, save_init
     from biovita.train.stages import PHASE2, STAGE1
-    from biovita.train.tracking import Tracker
+    from biovita.tracking.runs import Tracker
 
     store = tmp_path / "store"
     make_synthetic(store, n_species=8, seed=1, train_clips=(2, 3), train_images=(1, 2), test_clips=1,

@@ -154,7 +154,8 @@ def test_export_official_round_trip_is_identical(release, media, tmp_path):
 def test_bad_checkpoints_fail_naming_file_and_key(release, tmp_path):
     import shutil
 
-    from biovita.models.checkpoint import CheckpointError, load_model
+    from biovita.errors import CheckpointError
+    from biovita.models.checkpoint import load_model
 
     broken = tmp_path / "broken"
     shutil.copytree(release["official"], broken)

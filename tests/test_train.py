@@ -31,7 +31,7 @@ def _history(cfg, stage, key):
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_workers_zero_loss_falls_and_checkpoint_reported(ray_local, synth_store, tmp_path, zero):
     from biovita.train.driver import run_stage, save_init
-    from biovita.train.tracking import Tracker
+    from biovita.tracking.runs import Tracker
 
     root, _ = synth_store
     cfg = _cfg(root, tmp_path, "stage0.epochs=6", "stage0.max_steps=12", f"train.run_name=zero{zero}",
@@ -86,7 +86,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, synth_store, tmp_path):
     from biovita.train.driver import run_stage, save_init
-    from biovita.train.tracking import Tracker
+    from biovita.tracking.runs import Tracker
 
     root, _ = synth_store
     marker = tmp_path / "killed"
@@ -112,7 +112,7 @@ def test_runs_with_equal_seeds_train_alike(ray_local, synth_store, tmp_path):
     from safetensors.numpy import load_file
 
     from biovita.train.driver import run_stage, save_init
-    from biovita.train.tracking import Tracker
+    from biovita.tracking.runs import Tracker
 
     root, _ = synth_store
     losses, weights = [], []

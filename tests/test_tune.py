@@ -7,7 +7,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from biovita.config import ConfigError, load_config
+from biovita.config import load_config
+from biovita.errors import ConfigError
 from biovita.train.sweep import load_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +70,7 @@ def test_two_trial_sweep(ray_local, synth_store, tmp_path):
     assert {"best_config.yaml", "trials.png"} <= arts
     # the best config runs: one more stage-1 step from it
     from biovita.train.driver import run_stage, save_init
-    from biovita.train.tracking import Tracker
+    from biovita.tracking.runs import Tracker
 
     cfg = load_config(out["best_config"], ["stage1.max_steps=1", "mlflow.enabled=false",
                                            "train.run_name=from-best"])

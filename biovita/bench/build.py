@@ -125,7 +125,7 @@ def build_benchmark(root: str, out: str | Path, candidates: int = 100, split: st
                        ["task", "taxon_level", "query_payload_id", "correct_taxon",
                         "candidates_taxa", "candidates_target_ids", "taxon_class"], rows)
             summary[level][code] = len(rows)
-    (out / "bench.json").write_text(json.dumps({"split": split, "candidates": candidates,
+    (out / "bench.json").write_text(json.dumps({"split": split, "candidates": candidates, "store": str(root),
                                                 "seed": seed, "queries": summary}, indent=1))
     return summary
 

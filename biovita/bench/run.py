@@ -4,11 +4,21 @@
 from __future__ import annotations
 
 import csv
+import json
+import uuid
 from pathlib import Path
 
-from biovita.bench.features import decode_for_embedding, embed
-from biovita.data.datasets import files_dataset
+import numpy as np
+import torch
+
+from biovita.bench.report import format_table, print_skipped, write_results
+from biovita.bench.score import score_benchmark
+from biovita.data.stats import bad_media_counts, drop_media_stats, media_stats
+from biovita.data.store import exists, fetch_dir
+from biovita.embed.cache import store_embeddings
+from biovita.embed.service import embed_files
 from biovita.errors import BenchmarkError
+from biovita.models.checkpoint import load_biovita, resolve_checkpoint
 from biovita.taxonomy import LEVELS
 
 
@@ -24,18 +34,27 @@ def _index(bench: Path, modality: str) -> list[dict]:
     return rows
 
 
+def _store_of(bench: Path) -> str | None:
+    """The store a benchmark was built from (`biovita bench build` records it), if it is
+    still there: its media's embeddings then come from the store's cache."""
+    try:
+        store = json.loads((bench / "bench.json").read_text()).get("store")
+    except (OSError, ValueError):
+        return None
+    return store if store and exists(store) else None
+
+
 def extract_features(bench: str | Path, checkpoint: str, feats: str | Path, use_gpu: bool = False,
                      actors: int = 1, stats_name: str | None = None) -> dict[str, int]:
     """Write FEATS/{audio,image}/<id>.pt and FEATS/text/<id>.pt ({level: vector}).
 
-    Resumable: ids that already have a feature file are skipped. Returns the number written
-    per modality."""
-    import torch
-
-    from biovita.data.store import fetch_dir
-    from biovita.models.checkpoint import load_biovita
-
+    A benchmark built from a store takes its media's embeddings from the store's frozen-tower
+    cache (its test split: the images the training stages embedded, shared by every stage
+    whose image tower is the same, and by the gallery); another benchmark's files are
+    embedded on Ray Data. Resumable: ids that already have a feature file are skipped.
+    Returns the number written per modality."""
     bench, feats = Path(bench), Path(feats)
+    store = _store_of(bench)
     written = {}
     for modality in ("audio", "image"):
         out = feats / modality
@@ -44,13 +63,19 @@ def extract_features(bench: str | Path, checkpoint: str, feats: str | Path, use_
         written[modality] = 0
         if not todo:
             continue
-        ds = decode_for_embedding(files_dataset(todo, base=str(bench)), checkpoint, modality,
-                                  stats_name=stats_name)
-        for b in embed(ds, checkpoint, modality, use_gpu, actors).iter_batches(
-                batch_size=256, batch_format="numpy"):
-            for i, v in zip(b["id"], b["embedding"]):
-                torch.save(torch.from_numpy(v.copy()), out / f"{i}.pt")
-                written[modality] += 1
+        if store:
+            cached = store_embeddings(store, checkpoint, modality, "test", use_gpu=use_gpu,
+                                      stats_name=stats_name)
+            index = cached.index
+            parts = [(r["id"], cached.vectors[index[r["id"]]]) for r in todo if r["id"] in index]
+        else:
+            parts = [(i, v) for b in embed_files(todo, checkpoint, modality, base=str(bench),
+                                                 use_gpu=use_gpu, actors=actors, stats_name=stats_name
+                                                 ).iter_batches(batch_size=256, batch_format="numpy")
+                     for i, v in zip(b["id"], b["embedding"])]
+        for i, v in parts:
+            torch.save(torch.from_numpy(np.array(v, np.float32)), out / f"{i}.pt")
+            written[modality] += 1
     out = feats / "text"
     out.mkdir(parents=True, exist_ok=True)
     rows = _index(bench, "text")
@@ -109,13 +134,6 @@ def evaluate(bench: str | Path, checkpoint: str, feats: str | Path, use_gpu: boo
     """Features (resumable), scores, the printed table; with `json_out` the JSON and its
     plots beside it, logged to MLflow under `prefix` when a logger is given. Any checkpoint
     layout (`clap`: the CLAP base of the released layouts)."""
-    import uuid
-
-    from biovita.bench.report import format_table, print_skipped, write_results
-    from biovita.bench.score import score_benchmark
-    from biovita.data.stats import bad_media_counts, drop_media_stats, media_stats
-    from biovita.models.checkpoint import resolve_checkpoint
-
     checkpoint = resolve_checkpoint(checkpoint, clap=clap)
     name = f"biovita-bench-{uuid.uuid4().hex[:8]}"  # this run's own count of undecodable media
     media_stats(name)

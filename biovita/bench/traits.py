@@ -7,7 +7,7 @@ saw (species-disjoint folds), as macro-F1 over the held-out media. Two baselines
 label of the training species, and the same probe with the species' labels shuffled among
 species (a permutation null: what a probe finds where there is nothing to find). A group
 counts as found when the probe beats the majority and its permutation p-value is < 0.05.
-No Ray here: the embeddings come from `biovita.serve.gallery.build_gallery` (cached).
+The embeddings come from the store's cache (`biovita.embed.cache.gallery_embeddings`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from biovita.data.schema import TRAIT_GROUPS
+from biovita.data.store import read_table
+from biovita.embed.cache import gallery_embeddings
 
 
 def macro_f1(y: np.ndarray, p: np.ndarray) -> float:
@@ -108,22 +110,13 @@ def probe(emb: np.ndarray, species: np.ndarray, taxa: dict[str, list], groups=No
 
 
 def probe_checkpoint(checkpoint: str, store: str, **kw) -> list[ProbeResult]:
-    """Embed the store with the checkpoint (cached beside it) and probe both modalities."""
-    import pyarrow.parquet as pq
-
-    from biovita.data.store import read_table
-    from biovita.serve.gallery import build_gallery
-
-    t = pq.read_table(build_gallery(store, checkpoint)).to_pydict()
+    """Embed the store with the checkpoint (once: the gallery's cache beside it) and probe
+    both modalities."""
     taxa = read_table(store, "taxa").to_pydict()
     results = []
-    for modality in ("audio", "image"):
-        rows = [k for k, m in enumerate(t["modality"]) if m == modality]
-        if not rows:
-            continue
-        emb = np.asarray([t["embedding"][k] for k in rows], np.float32)
-        species = np.asarray([t["species_id"][k] for k in rows])
-        results += probe(emb, species, taxa, modality=modality, **kw)
+    for modality, v in gallery_embeddings(store, checkpoint).items():
+        if len(v):
+            results += probe(v.vectors, v.species, taxa, modality=modality, **kw)
     return results
 
 

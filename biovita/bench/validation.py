@@ -10,10 +10,19 @@ the Top-1 over taxa (a taxon's score: its best-matching gallery item), and their
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from biovita.data.decode import decode_audio_batch, decode_image_batch, eval_specs
+from biovita.data.sampling import stable_hash
+from biovita.data.store import fetch_dir, filesystem, read_table
+from biovita.frontends.audio import log_mel
+from biovita.models.checkpoint import front_ends
 
 DIRECTIONS = ("A2T", "T2A", "A2I", "I2A", "I2T", "T2I")
 
@@ -37,10 +46,6 @@ class ValidationSet:
 
 def _open(uri: str):
     """The `.npz` at a local path or an object-store URI (every worker reads the one file)."""
-    import io
-
-    from biovita.data.store import filesystem
-
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
         return np.load(io.BytesIO(f.read()), allow_pickle=False)
@@ -55,8 +60,6 @@ def held_out_ids(uri: str) -> set[str]:
 
 
 def _pick(ids: list[str], species: list[int], per_species: int, seed: int) -> list[str]:
-    from biovita.data.sampling import stable_hash
-
     by: dict[int, list[str]] = {}
     for i, s in sorted(zip(ids, species), key=lambda r: stable_hash(f"{seed}:{r[0]}")):
         by.setdefault(int(s), []).append(i)
@@ -67,35 +70,28 @@ def _pick(ids: list[str], species: list[int], per_species: int, seed: int) -> li
 def build_validation(root: str, checkpoint: str, out: str, per_species: int = 2, seed: int = 0) -> str:
     """Decode `per_species` training clips and photos of every seen species into `out` (a
     path or an object-store URI)."""
-    import pyarrow.compute as pc
-
-    from biovita.bench.features import eval_specs
-    from biovita.data.decode import decode_audio_batch, decode_image_batch
-    from biovita.data.store import read_table
-
-    aspec, ispec = eval_specs(checkpoint)
+    afe, ife = front_ends(fetch_dir(checkpoint))
+    aspec, ispec = eval_specs(afe, ife)
     arrays: dict[str, np.ndarray] = {}
-    for table, spec, decode, col in (("audio", aspec, decode_audio_batch, "mel"),
+    for table, spec, decode, col in (("audio", aspec, decode_audio_batch, "wave"),
                                      ("image", ispec, decode_image_batch, "pixels")):
         meta = read_table(root, table, ["id", "species_id", "split"]).to_pydict()
         train = [(i, s) for i, s, sp in zip(meta["id"], meta["species_id"], meta["split"]) if sp == "train"]
         chosen = _pick([r[0] for r in train], [r[1] for r in train], per_species, seed)
         t = read_table(root, table, ["id", "species_id", "bytes"])
-        t = t.filter(pc.is_in(t["id"], value_set=__import__("pyarrow").array(chosen)))
+        t = t.filter(pc.is_in(t["id"], value_set=pa.array(chosen)))
         batch = {k: np.asarray(v, dtype=object) for k, v in t.to_pydict().items()}
         decoded, _, _ = decode(batch, spec)  # an undecodable medium is left out
         arrays[f"{table}_ids"] = decoded["id"].astype(str)
         arrays[f"{table}_species"] = decoded["species_id"].astype(np.int64)
-        arrays[col] = decoded[col]
+        # clips kept as log-mels (a quarter of a waveform's bytes), computed as training does
+        arrays["mel" if table == "audio" else col] = (log_mel(afe)(decoded[col]).numpy()
+                                                      if table == "audio" else decoded[col])
     taxa = read_table(root, "taxa", ["species_id", "scientific_name"]).to_pydict()
     present = set(arrays["audio_species"]) | set(arrays["image_species"])
     keep = [k for k, s in enumerate(taxa["species_id"]) if s in present]
     arrays["species"] = np.asarray([taxa["species_id"][k] for k in keep], np.int64)
     arrays["names"] = np.asarray([taxa["scientific_name"][k] for k in keep], dtype=str)
-    import io
-
-    from biovita.data.store import filesystem
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     fs, path = filesystem(out)

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from biovita.cli import bench, data, models, serve
+from biovita.errors import USER_ERRORS
 
 # Commands that hand their arguments to an application's own parser (`--help` included).
 PASS_THROUGH = {
@@ -38,12 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(PASS_THROUGH[argv[0]][1])
         return module.main(argv[1:], prog=f"biovita {argv[0]}")
     args = build_parser().parse_args(argv)
-    from biovita.config import ConfigError
-    from biovita.errors import BenchmarkError, FetchError, MediaError
-    from biovita.models.checkpoint import CheckpointError
-
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, BenchmarkError, MediaError, CheckpointError, FetchError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"biovita {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ def _predict(a) -> int:
 
 
 def _embed(a) -> int:
-    from biovita.bench.features import embed_to_parquet
+    from biovita.embed.cache import embed_to_parquet
 
     n = embed_to_parquet(a.checkpoint, a.out, data=a.data, files=a.files, clap=a.clap)
     print(f"wrote {n} embeddings to {a.out}")

@@ -120,16 +120,16 @@ class _StreamDecoder:
     """A decode actor of a training stream: one task = one segment of one epoch's uses, in
     the epoch's random order, decoded with that epoch's seeds into one block."""
 
-    def __init__(self, fs, table: str, spec, plan_box: list, image_emb_box: list | None):
+    def __init__(self, fs, table: str, spec, plan_box: list, frozen_box: list | None):
         self.fs, self.table, self.spec = fs, table, spec
-        self.plan_box, self.image_emb_box = plan_box, image_emb_box
+        self.plan_box, self.frozen_box = plan_box, frozen_box
 
     def __call__(self, items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         plan: StreamPlan = _get_shared(self.plan_box)
         epoch, start, stop = (int(items[k][0]) for k in ("epoch", "start", "stop"))
         spec = replace(self.spec, epoch=self.spec.epoch + epoch)
         rows = _segment_rows(plan, self.fs, epoch, start, stop)
-        kwargs = {"image_emb": _get_shared(self.image_emb_box)} if self.image_emb_box else {}
+        kwargs = {"frozen": _get_shared(self.frozen_box)} if self.frozen_box else {}
         out = _decode_and_count(rows, self.table, DECODERS[self.table], spec, **kwargs)
         out["epoch"] = np.full(len(out["id"]), epoch, np.int64)
         return out
@@ -170,7 +170,7 @@ def store_dataset(root: str, table: str, spec, split: str | None = None,
 
 
 def stream_dataset(root: str, table: str, spec, plans: dict[int, dict], batch_size: int,
-                   seed: int, image_emb=None, groups: list[RowGroup] | None = None,
+                   seed: int, frozen=None, groups: list[RowGroup] | None = None,
                    num_cpus: float = 0.5, decoders: int = 0, reserved_cpus: float = 0.0,
                    ahead_mb: float = 512):
     """A training stream: every epoch of `plans` (epoch -> plan, see `biovita.data.sampling`)
@@ -183,8 +183,9 @@ def stream_dataset(root: str, table: str, spec, plans: dict[int, dict], batch_si
     actors, which import torch once and keep their caches (as plain tasks, the worker
     processes sat idle whenever training was slower than decoding and the raylet killed and
     restarted them: ~3 new processes importing torch every 20 s, measured). No new task
-    starts while more than `ahead_mb` of decoded data waits for the consumer. `image_emb`
-    (stage 2): (id -> row, embeddings, species) of the images the plans pair clips with."""
+    starts while more than `ahead_mb` of decoded data waits for the consumer. `frozen`: the
+    frozen towers' embeddings by modality (`Vectors`, or an ObjectRef to such a dict) that
+    rows get instead of running a tower (`biovita.data.decode.decode_audio_batch`)."""
     fs, _ = filesystem(table_uri(root, table))
     groups = row_groups(root, table) if groups is None else groups
     decoders = _decoders(decoders, num_cpus, reserved_cpus)
@@ -203,14 +204,14 @@ def stream_dataset(root: str, table: str, spec, plans: dict[int, dict], batch_si
     # the stream runs in Ray Train's coordinator: the trainer's progress line reports it
     ds.context.enable_progress_bars = False
     kwargs = {"fs": fs, "table": table, "spec": spec, "plan_box": _box(plan),
-              "image_emb_box": _box(image_emb)}
+              "frozen_box": _box(frozen)}
     pool = ActorPoolStrategy(size=max(1, min(decoders, len(items))))  # an actor per item at most
     return ds.map_batches(_StreamDecoder, fn_constructor_kwargs=kwargs, batch_size=1,
                           batch_format="numpy", compute=pool, num_cpus=num_cpus)
 
 
 def audio_dataset(root: str, spec: AudioDecodeSpec, split: str | None = "train", **kwargs):
-    """Decoded clips of one split, one pass: {id, taxonomy..., species_id, mel (1 x T x 64)}.
+    """Decoded clips of one split, one pass: {id, taxonomy..., species_id, wave (10 s, float16)}.
     Keyword arguments as `store_dataset`."""
     return store_dataset(root, "audio", spec, split, **kwargs)
 
@@ -252,14 +253,18 @@ def files_dataset(rows: list[dict], base: str = "", batch_size: int = 32):
 
 
 class TorchCollate(NumpyBatchCollateFn):
-    """Numeric columns -> tensors; strings stay lists (iter_torch_batches cannot tensorise them)."""
+    """Numeric columns -> tensors; strings stay lists (iter_torch_batches cannot tensorise
+    them); `epoch` becomes the batch's oldest epoch, a plain int (the loop reads it every
+    step, and a tensor read would be a host sync on the device it is moved to)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
         out: dict[str, Any] = {}
         for k, v in batch.items():
-            if v.dtype.kind in "fiub":
+            if k == "epoch":
+                out[k] = int(v.min())
+            elif v.dtype.kind in "fiub":
                 out[k] = torch.from_numpy(np.array(v))  # Ray's buffers are read-only: copy
             else:
                 out[k] = [str(x) for x in v]

@@ -8,19 +8,25 @@ silence or a blank image.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from biovita.data.sampling import stable_hash
 from biovita.errors import MediaError
-from biovita.frontends.audio import AudioFrontEnd, load_clip, log_mel
+from biovita.data.vectors import Vectors
+from biovita.frontends.audio import AudioFrontEnd, load_clip
 from biovita.frontends.image import MAX_IMAGE_PIXELS, ImageFrontEnd, load_image
 from biovita.prompts import LEVEL_TEMPLATES, TEMPLATES, Taxon
 
 # The job's counting actor (see `biovita.data.stats`), named here so decoding needs no Ray.
 STATS_ACTOR = "biovita-media-stats"
 Decoded = tuple[dict[str, np.ndarray], int, list[tuple[str, str]]]  # rows, good ids, (id, reason)
+# What decoders ship a clip as: 10 s at 48 kHz in float16, 0.94 MB (the float32 log-mel it
+# replaces is 0.25 MB). Against float32 input, the log-mel of float16 waveforms differs by
+# 0.012 dB on average (embedded store) and int16's by 0.016 dB; the large differences of
+# either sit in bins near the -100 dB floor (benchmarks/data_throughput.py reports both).
+WAVE_DTYPE = np.float16
 
 
 def _prompt(row: dict, spec: Any, use: int) -> str:
@@ -61,13 +67,14 @@ def _prompts(batch: dict[str, np.ndarray], keep: list[int], uses: list[int], spe
                       dtype=object)
 
 
-def decode_audio_batch(
-    batch: dict[str, np.ndarray], spec: AudioDecodeSpec,
-    image_emb: tuple[dict[str, int], np.ndarray] | None = None,
-) -> Decoded:
-    """Decode a batch of clips, one output row per input row. A training stream's rows carry
-    their use number (`_use`, seeds the crop) and, in stage 2, the image they are paired
-    with (`_pair`), whose frozen embedding is attached from `image_emb`."""
+def decode_audio_batch(batch: dict[str, np.ndarray], spec: AudioDecodeSpec,
+                       frozen: Mapping[str, Vectors] | None = None) -> Decoded:
+    """Decode a batch of clips into 10 s waveforms (float16, `wave`: the log-mel is computed
+    batched on the consumer's device), one output row per input row. A training stream's rows
+    carry their use number (`_use`, seeds the crop and the prompt) and, in stage 2, the image
+    they are paired with (`_pair`). `frozen`: embeddings of the frozen towers by modality;
+    with "text" a row gets its prompt's embedding (`text_emb`) instead of the prompt, with
+    "image" its paired image's (`image_emb`)."""
     fe = spec.front_end
     uses = _uses(batch)
     waves, keep, bad = [], [], []
@@ -81,14 +88,17 @@ def decode_audio_batch(
             continue
         keep.append(i)
     out = _columns(batch, keep)
-    out["mel"] = (log_mel(fe)(waves).numpy() if waves else
-                  np.zeros((0, 1, fe.n_frames, fe.n_mels), np.float32))
+    out["wave"] = (np.stack(waves).astype(WAVE_DTYPE) if waves else
+                   np.zeros((0, fe.clip_samples), WAVE_DTYPE))
+    frozen = frozen or {}
     if spec.prompts != "none":
-        out["text"] = _prompts(batch, keep, uses, spec)
-    if image_emb is not None:
-        index, matrix = image_emb[0], image_emb[1]  # (id -> row, embeddings[, species])
-        out["image_emb"] = (np.stack([matrix[index[str(batch["_pair"][i])]] for i in keep])
-                            .astype(np.float32) if keep else np.zeros((0, matrix.shape[1]), np.float32))
+        prompts = _prompts(batch, keep, uses, spec)
+        if "text" in frozen:
+            out["text_emb"] = frozen["text"].take(prompts)
+        else:
+            out["text"] = prompts
+    if "image" in frozen:
+        out["image_emb"] = frozen["image"].take([batch["_pair"][i] for i in keep])
     return out, len({str(batch["id"][i]) for i in keep}), bad
 
 
@@ -127,3 +137,13 @@ def decode_image_batch(batch: dict[str, np.ndarray], spec: ImageDecodeSpec) -> D
 
 
 DECODERS = {"audio": decode_audio_batch, "image": decode_image_batch}
+
+
+def eval_specs(audio: AudioFrontEnd, image: ImageFrontEnd, max_image_pixels: int = MAX_IMAGE_PIXELS,
+               stats_name: str | None = None, reduced_images: bool = True
+               ) -> tuple[AudioDecodeSpec, ImageDecodeSpec]:
+    """Evaluation decoding (the benchmark's, the caches', validation's): onset crops, eval
+    preprocessing, no prompts."""
+    return (AudioDecodeSpec(audio, mode="onset", prompts="none", stats_name=stats_name),
+            ImageDecodeSpec(image, max_pixels=max_image_pixels, reduced=reduced_images, prompts="none",
+                            stats_name=stats_name))

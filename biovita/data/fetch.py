@@ -42,6 +42,8 @@ from biovita.data.schema import SCHEMAS
 from biovita.data.store import filesystem, write_part
 from biovita.frontends.image import MAX_IMAGE_PIXELS
 from biovita.frontends.sniff import sniff
+from biovita.locations import is_remote, tracking_uri
+from biovita.tracking.runs import RunLogger, experiment_id, find_or_create_run
 
 FORMATS = {"mp4": "m4a"}  # sniffed container -> the store's `format`
 
@@ -255,7 +257,7 @@ def fetch_release(clips: str | None, out: str, images: str | None = None,
                         splits, (lease.path, run), report, actors=actors, threads=threads,
                         max_pixels=max_image_pixels, progress=progress)
     report.seconds = time.time() - t0
-    ledger = Path(out) / LEDGER if "://" not in out else None
+    ledger = Path(out) / LEDGER if not is_remote(out) else None
     if ledger is not None:
         ledger.mkdir(parents=True, exist_ok=True)
         (ledger / f"report-{run}.json").write_text(json.dumps(report.as_dict(), indent=1))
@@ -332,9 +334,7 @@ def log_to_mlflow(report: FetchReport, uri: str | None, params: dict) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from biovita.train.tracking import RunLogger, experiment_id, find_or_create_run, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(uri or "")
+    uri = tracking_uri(uri or "")
     client = MlflowClient(uri)
     rid = find_or_create_run(client, experiment_id(client, "biovita", uri), "fetch",
                              {"biovita.kind": "fetch"}, reuse=False)

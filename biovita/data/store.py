@@ -15,18 +15,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from biovita.data.schema import SCHEMAS
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in str(uri) and not str(uri).startswith("file://")
+from biovita.locations import is_remote, local_path
 
 
 def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an object-store URI."""
     uri = str(uri)
     if not is_remote(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return pafs.LocalFileSystem(), str(Path(path).resolve())
+        return pafs.LocalFileSystem(), local_path(uri)
     if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
         # S3-compatible stores (MinIO, moto, Ceph): pyarrow needs the endpoint spelt out.
         bucket_path = uri[len("s3://"):]

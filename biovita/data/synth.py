@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from biovita.data.schema import TRAIT_COLUMNS, TRAIT_GROUPS
 from biovita.data.store import write_table
 from biovita.data.synth_media import (
     HABITATS,
+    Species,
     corrupt_audio,
     corrupt_image,
     audio_bytes,
@@ -71,34 +71,6 @@ _ADJ = ("Crested", "Spotted", "Lesser", "Greater", "Dusky", "Bright", "Pale", "R
         "Mountain", "River", "Forest", "Marsh", "Desert", "Northern", "Southern")
 _COLOURS = ("Ruby", "Amber", "Azure", "Olive", "Ivory", "Cobalt", "Copper", "Jade", "Scarlet",
             "Slate", "Golden", "Violet", "Rusty", "Sable", "Teal", "Coral")
-
-
-@dataclass(frozen=True)
-class Species:
-    species_id: int
-    klass: str
-    order: str
-    family: str
-    genus: str
-    scientific_name: str
-    common_name: str
-    class_idx: int
-    family_idx: int  # within class
-    genus_idx: int  # global
-    genus_in_family: int
-    species_in_genus: int
-    seen: bool
-    buzz: int = 0  # 1: a high buzz in every syllable: audible only
-    mark: int = 0  # 0 none, 1 a bright spot: visible only
-    secret: int = 0  # shapes nothing
-
-    def hidden(self) -> dict[str, int]:
-        return {"buzz": self.buzz, "mark": self.mark, "secret": self.secret}
-
-    def taxonomy(self) -> dict[str, str]:
-        return {"class": self.klass, "order": self.order, "family": self.family,
-                "genus": self.genus, "scientific_name": self.scientific_name,
-                "common_name": self.common_name}
 
 
 def _word(rng: np.random.Generator, n: int) -> str:

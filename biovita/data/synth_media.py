@@ -7,12 +7,9 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from biovita.data.synth import Species
 
 # genus colour (RGB), index by genus
 PALETTE = ((200, 40, 40), (230, 160, 30), (40, 90, 220), (110, 130, 40), (235, 235, 215),
@@ -20,6 +17,34 @@ PALETTE = ((200, 40, 40), (230, 160, 30), (40, 90, 220), (110, 130, 40), (235, 2
             (240, 200, 40), (140, 60, 200), (150, 60, 20), (30, 30, 30), (20, 150, 160),
             (250, 130, 110))
 HABITATS = ("forest", "grassland", "wetland", "desert", "marine", "urban")
+
+@dataclass(frozen=True)
+class Species:
+    species_id: int
+    klass: str
+    order: str
+    family: str
+    genus: str
+    scientific_name: str
+    common_name: str
+    class_idx: int
+    family_idx: int  # within class
+    genus_idx: int  # global
+    genus_in_family: int
+    species_in_genus: int
+    seen: bool
+    buzz: int = 0  # 1: a high buzz in every syllable: audible only
+    mark: int = 0  # 0 none, 1 a bright spot: visible only
+    secret: int = 0  # shapes nothing
+
+    def hidden(self) -> dict[str, int]:
+        return {"buzz": self.buzz, "mark": self.mark, "secret": self.secret}
+
+    def taxonomy(self) -> dict[str, str]:
+        return {"class": self.klass, "order": self.order, "family": self.family,
+                "genus": self.genus, "scientific_name": self.scientific_name,
+                "common_name": self.common_name}
+
 
 # ----------------------------------------------------------------------------- audio
 

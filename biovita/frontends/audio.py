@@ -203,45 +203,59 @@ def crop_or_pad(
 
 class LogMel:
     """Batched log-mel (B x samples -> B x 1 x frames x mels), as CLAP's extractor computes it:
-    centred STFT (Hann, reflect padding), power spectrum, mel filter bank, 10 log10(max(x, 1e-10))."""
+    centred STFT (Hann, reflect padding), power spectrum, mel filter bank, 10 log10(max(x, 1e-10)).
 
-    def __init__(self, fe: AudioFrontEnd):
+    Runs on the device its window and filter bank are on (`device`): decoders ship waveforms
+    and the training worker (or an embedding actor) computes the log-mels of a whole batch
+    on its GPU. On a CPU the clips go one at a time (a clip's spectrogram, 4 MB, stays in
+    cache; a batch's does not); on another device the whole batch at once. Same math either
+    way, in float32."""
+
+    def __init__(self, fe: AudioFrontEnd, device=None):
         import torch
         import torchaudio
 
         slaney = fe.truncation != "fusion"
         self.fe = fe
-        self.window = torch.hann_window(fe.n_fft)
-        self.fb = torchaudio.functional.melscale_fbanks(
+        fb = torchaudio.functional.melscale_fbanks(
             n_freqs=fe.n_fft // 2 + 1, f_min=fe.f_min, f_max=fe.f_max, n_mels=fe.n_mels,
             sample_rate=fe.sample_rate, norm="slaney" if slaney else None,
             mel_scale="slaney" if slaney else "htk")
         # bins above f_max carry no mel weight: the power spectrum stops at the last used bin
-        self.n_bins = int(self.fb.abs().sum(1).nonzero().max()) + 1
-        self.fb = self.fb[: self.n_bins].contiguous()
+        self.n_bins = int(fb.abs().sum(1).nonzero().max()) + 1
+        self.device = torch.device(device or "cpu")
+        self.fb = fb[: self.n_bins].contiguous().to(self.device)
+        self.window = torch.hann_window(fe.n_fft, device=self.device)
 
-    def _one(self, x):
+    def _spectrogram(self, x):
+        """(..., samples) float32 -> (..., frames, mels)."""
         import torch
 
         p = self.fe.n_fft // 2  # centred frames: reflect padding (3x cheaper here than stft's)
-        x = torch.cat([x[1 : p + 1].flip(0), x, x[-p - 1 : -1].flip(0)])
+        x = torch.cat([x[..., 1 : p + 1].flip(-1), x, x[..., -p - 1 : -1].flip(-1)], -1)
         spec = torch.stft(x, self.fe.n_fft, self.fe.hop_length, win_length=self.fe.n_fft,
                           window=self.window, center=False, return_complex=True)
-        spec = spec[: self.n_bins]
+        spec = spec[..., : self.n_bins, :]
         power = spec.real.square() + spec.imag.square()  # |X|^2: no sqrt, no strided copies
         mel = power.transpose(-1, -2) @ self.fb  # frames x mels
         return 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
 
-    def __call__(self, waves):
-        """`waves`: one clip, a (B, samples) array or a list of clips of the same length."""
+    def __call__(self, waves, batched: bool | None = None):
+        """`waves`: one clip, a (B, samples) array or tensor (any float dtype, any device: it is
+        moved to this one), or a list of clips of the same length. `batched`: the whole batch
+        in one STFT (default: off a CPU)."""
         import torch
 
         if isinstance(waves, np.ndarray) and waves.ndim == 1:
             waves = [waves]
+        if isinstance(waves, torch.Tensor):
+            x = waves.to(self.device, torch.float32, non_blocking=True)
+        else:
+            x = torch.as_tensor(np.asarray(waves, dtype=np.float32), device=self.device)
+        batched = self.device.type != "cpu" if batched is None else batched
         with torch.no_grad():
-            # one clip at a time: a clip's spectrogram (4 MB) stays in cache, a batch's does not
-            mels = [self._one(torch.as_tensor(np.asarray(w, dtype=np.float32))) for w in waves]
-            return torch.stack(mels).unsqueeze(1).contiguous()
+            mels = self._spectrogram(x) if batched else torch.stack([self._spectrogram(w) for w in x])
+            return mels.unsqueeze(1).contiguous()
 
 
 @functools.lru_cache(maxsize=4)

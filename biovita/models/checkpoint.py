@@ -13,13 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from biovita.errors import CheckpointError
+from biovita.frontends.audio import AudioFrontEnd
+from biovita.frontends.image import ImageFrontEnd
+from biovita.locations import is_remote
+from biovita.models import release
+from biovita.models.factory import build_from_arch
+
 WEIGHTS = "model.safetensors"
 META = "biovita.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def _sha256(path: Path) -> str:
@@ -42,11 +45,55 @@ def save_model(model, path: str | os.PathLike, metadata: dict[str, Any] | None =
                else v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(tmp))
     meta = {"format_version": FORMAT_VERSION, "arch": model.arch, "sha256": _sha256(tmp),
-            "metadata": metadata or {}}
+            "towers": tower_digests(tensors), "metadata": metadata or {}}
     os.replace(tmp, out / WEIGHTS)
     (out / (META + ".tmp")).write_text(json.dumps(meta, indent=1))
     os.replace(out / (META + ".tmp"), out / META)
     return out
+
+
+TOWERS = ("image", "text", "audio")
+
+
+def tower_of(key: str) -> str | None:
+    """Which tower a state-dict key belongs to: the image tower (open_clip's visual), the text
+    tower (the rest of open_clip but its logit scale and bias), the audio tower with its
+    adapter; None for the logit scales."""
+    if key.startswith("clip.visual."):
+        return "image"
+    if key.startswith(("audio.", "adapter.")):
+        return "audio"
+    if key.startswith("clip.") and key not in ("clip.logit_scale", "clip.logit_bias"):
+        return "text"
+    return None
+
+
+def tower_digests(tensors: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of each tower's tensors (names, shapes and float32 values): what a cached
+    embedding of that tower is keyed by (`biovita.embed.cache`)."""
+    import torch
+
+    hashes = {t: hashlib.sha256() for t in TOWERS}
+    for key in sorted(tensors):
+        tower = tower_of(key)
+        if tower is None:
+            continue
+        v = tensors[key].detach().cpu()
+        v = (v.float() if v.is_floating_point() else v).contiguous()
+        hashes[tower].update(f"{key}:{tuple(v.shape)}:{v.dtype}".encode())
+        hashes[tower].update(v.reshape(-1).view(torch.uint8).numpy())
+    return {t: h.hexdigest() for t, h in hashes.items()}
+
+
+def towers(path: str | os.PathLike) -> dict[str, str]:
+    """The tower digests of a checkpoint folder: recorded in its JSON, else computed from
+    its weights (checkpoints written before they were recorded)."""
+    meta = read_meta(path)
+    if "towers" in meta:
+        return meta["towers"]
+    from safetensors.torch import load_file
+
+    return tower_digests(load_file(str(Path(path) / WEIGHTS)))
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -59,11 +106,17 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{p / META} is not valid JSON: {e}") from None
 
 
+def front_ends(path: str | os.PathLike) -> tuple[AudioFrontEnd, ImageFrontEnd]:
+    """(audio, image) front ends of a checkpoint folder, from its JSON alone (no weights read)."""
+    arch = read_meta(path)["arch"]
+    img = dict(arch["image_front_end"])
+    img["mean"], img["std"] = tuple(img["mean"]), tuple(img["std"])
+    return AudioFrontEnd(**arch["audio_front_end"]), ImageFrontEnd(**img)
+
+
 def load_biovita(path: str | os.PathLike, device: str = "cpu"):
     """Load a biovita checkpoint folder; checks the weights' hash before reading them."""
     from safetensors.torch import load_file
-
-    from biovita.models.factory import build_from_arch
 
     p = Path(path)
     meta = read_meta(p)
@@ -92,8 +145,6 @@ def load_model(ref: str | os.PathLike, clap: str | None = None, model=None, devi
     training checkpoint (`.pth`). `clap` names the CLAP base of the two released layouts (Hub id
     or local folder; default laion/clap-htsat-unfused); `model` the model config (name or
     ModelConfig) whose towers a training checkpoint fills (default bioclip2-clap)."""
-    from biovita.models import release
-
     ref = str(ref)
     if ref.startswith("hf-hub:") or release.is_official(ref):
         return release.load_official(ref, clap).to(device)
@@ -113,7 +164,7 @@ def resolve_checkpoint(ref: str | os.PathLike, clap: str | None = None, model=No
     once into a cache folder (`~/.cache/biovita/checkpoints`), so that Ray workers load fast
     safetensors and object-store paths work the same way."""
     ref = str(ref)
-    if "://" in ref or is_biovita(ref):
+    if is_remote(ref) or is_biovita(ref):
         return ref
     key_parts = [ref if ref.startswith("hf-hub:") else str(Path(ref).resolve()), clap or "",
                  str(getattr(model, "name", model) or "")]

@@ -17,29 +17,28 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from biovita.errors import PretrainedWeightsError
 from biovita.frontends.audio import AudioFrontEnd
-from biovita.config import ModelConfig
 from biovita.frontends.image import ImageFrontEnd
+from biovita.models.model import BioVITA
 from biovita.models.registry import (
     CLAP_PREPROCESS,
     MODEL_CONFIGS,
     TINY_AUDIO_CONFIG,
     TINY_CLIP_CONFIG,
     TINY_CLIP_NAME,
+    ModelConfig,
+    resolve_model_config,
 )
 
 log = logging.getLogger("biovita.models")
 
 
-class PretrainedWeightsError(RuntimeError):
-    """`require_pretrained` was set but a tower has no pretrained weights."""
-
-
-def _register_clip_config(name: str, cfg: dict) -> None:
+def register_clip_config(name: str, cfg: dict) -> None:
     import open_clip
 
     if name in open_clip.list_models():
@@ -49,14 +48,14 @@ def _register_clip_config(name: str, cfg: dict) -> None:
     open_clip.add_model_config(folder / f"{name}.json")
 
 
-def _resolve_clip_ref(ref: str) -> str:
+def resolve_clip_ref(ref: str) -> str:
     """A plain folder with open_clip_config.json means `local-dir:`."""
     if not ref.startswith(("hf-hub:", "local-dir:")) and os.path.isdir(ref):
         return f"local-dir:{ref}"
     return ref
 
 
-def _clip_config(ref: str) -> tuple[dict, dict]:
+def clip_config(ref: str) -> tuple[dict, dict]:
     """(open_clip model_cfg, preprocess_cfg overrides) for a reference, without weights."""
     import open_clip
 
@@ -81,12 +80,12 @@ def create_clip(ref: str, pretrained: str = "") -> tuple[Any, dict, ImageFrontEn
     """(open_clip model, model_cfg, image front end, description of the weights loaded)."""
     import open_clip
 
-    ref = _resolve_clip_ref(ref)
+    ref = resolve_clip_ref(ref)
     if ref == TINY_CLIP_NAME:
-        _register_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG)
-    model_cfg, _ = _clip_config(ref)
+        register_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG)
+    model_cfg, _ = clip_config(ref)
     has_schema = ref.startswith(("hf-hub:", "local-dir:"))
-    with _quiet_open_clip(random_is_expected=True):  # create_model warns on its own, once
+    with quiet_open_clip(random_is_expected=True):  # create_model warns on its own, once
         model = open_clip.create_model(ref, pretrained=(pretrained or None) if not has_schema else None)
     if has_schema:
         source = ref
@@ -96,15 +95,33 @@ def create_clip(ref: str, pretrained: str = "") -> tuple[Any, dict, ImageFrontEn
             source = ""
     else:
         source = pretrained
+    return model, model_cfg, image_front_end(model, model_cfg), source
+
+
+def image_front_end(model, model_cfg: dict) -> ImageFrontEnd:
+    """The image front end of an open_clip model: its own preprocess config."""
+    import open_clip
+
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp.get("size", model_cfg["vision_cfg"].get("image_size", 224))
-    fe = ImageFrontEnd(
-        image_size=int(size[0] if isinstance(size, (list, tuple)) else size),
-        mean=tuple(pp.get("mean")), std=tuple(pp.get("std")),
-        interpolation=pp.get("interpolation", "bicubic"),
-        resize_mode=pp.get("resize_mode", "shortest"),
-    )
-    return model, model_cfg, fe, source
+    return ImageFrontEnd(image_size=int(size[0] if isinstance(size, (list, tuple)) else size),
+                         mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+                         interpolation=pp.get("interpolation", "bicubic"),
+                         resize_mode=pp.get("resize_mode", "shortest"))
+
+
+def random_clip(model_cfg: dict, preprocess_cfg: dict | None = None) -> tuple[Any, ImageFrontEnd]:
+    """An open_clip model of this config with random weights (loaded right after, no
+    network) and its image front end."""
+    import open_clip
+
+    digest = hashlib.sha1(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"biovita-arch-{digest}"
+    register_clip_config(name, model_cfg)
+    with quiet_open_clip(random_is_expected=True):  # the weights are loaded right after
+        model = open_clip.create_model(name, pretrained=None, **(
+            {"force_preprocess_cfg": preprocess_cfg} if preprocess_cfg else {}))
+    return model, image_front_end(model, model_cfg)
 
 
 def create_audio(ref: str) -> tuple[Any, dict, AudioFrontEnd, str]:
@@ -113,13 +130,13 @@ def create_audio(ref: str) -> tuple[Any, dict, AudioFrontEnd, str]:
 
     if ref in ("tiny", "htsat"):
         config = ClapAudioConfig(**(TINY_AUDIO_CONFIG if ref == "tiny" else {}))
-        return (ClapAudioModelWithProjection(config), _audio_config_dict(config),
+        return (ClapAudioModelWithProjection(config), audio_config_dict(config),
                 AudioFrontEnd.from_preprocessor_config(CLAP_PREPROCESS), "")
     model = ClapAudioModelWithProjection.from_pretrained(ref)
-    return model, _audio_config_dict(model.config), _audio_front_end(ref), ref
+    return model, audio_config_dict(model.config), audio_front_end(ref), ref
 
 
-def _audio_config_dict(config) -> dict:
+def audio_config_dict(config) -> dict:
     keep = ("window_size", "num_mel_bins", "spec_size", "hidden_act", "patch_size", "patch_stride",
             "num_classes", "hidden_size", "projection_dim", "depths", "num_attention_heads",
             "enable_fusion", "fusion_type", "patch_embed_input_channels", "flatten_patch_embeds",
@@ -130,7 +147,7 @@ def _audio_config_dict(config) -> dict:
     return {k: d[k] for k in keep if k in d}
 
 
-def _audio_front_end(ref: str) -> AudioFrontEnd:
+def audio_front_end(ref: str) -> AudioFrontEnd:
     """The checkpoint's own preprocessor config is the ground truth (METHOD.md)."""
     from transformers import ClapFeatureExtractor
 
@@ -142,20 +159,8 @@ def _audio_front_end(ref: str) -> AudioFrontEnd:
         return AudioFrontEnd.from_preprocessor_config(CLAP_PREPROCESS)
 
 
-def resolve_model_config(cfg: ModelConfig | str) -> ModelConfig:
-    """Fill empty fields of a ModelConfig from its registered name."""
-    if isinstance(cfg, str):
-        cfg = ModelConfig(name=cfg)
-    spec = MODEL_CONFIGS[cfg.name]
-    return replace(cfg, clip_model=cfg.clip_model or spec.clip_model,
-                   clip_pretrained=cfg.clip_pretrained or spec.clip_pretrained,
-                   audio_model=cfg.audio_model or spec.audio_model)
-
-
 def create_model(cfg: ModelConfig | str = "tiny"):
     """Build the tri-modal model; logs which tower got which weights."""
-    from biovita.models.model import BioVITA
-
     cfg = resolve_model_config(cfg)
     clip, clip_cfg, image_fe, clip_source = create_clip(cfg.clip_model, cfg.clip_pretrained)
     audio, audio_cfg, audio_fe, audio_source = create_audio(cfg.audio_model)
@@ -186,7 +191,7 @@ class _DropRandomInitWarning(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_open_clip(random_is_expected: bool = False):
+def quiet_open_clip(random_is_expected: bool = False):
     """open_clip narrates model creation on the root logger (six INFO lines per model in
     every Ray worker) and warns that a model built without a pretrained tag is random, also
     when trained weights are loaded right after."""
@@ -204,15 +209,8 @@ def _quiet_open_clip(random_is_expected: bool = False):
 
 def build_from_arch(arch: dict):
     """Rebuild the architecture (random weights) from a checkpoint's `arch`; no network."""
-    import open_clip
     from transformers import ClapAudioConfig, ClapAudioModelWithProjection
 
-    from biovita.models.model import BioVITA
-
-    digest = hashlib.sha1(json.dumps(arch["clip_config"], sort_keys=True).encode()).hexdigest()[:12]
-    name = f"biovita-arch-{digest}"
-    _register_clip_config(name, arch["clip_config"])
-    with _quiet_open_clip(random_is_expected=True):  # the weights are loaded right after
-        clip = open_clip.create_model(name, pretrained=None)
+    clip, _ = random_clip(arch["clip_config"])
     audio = ClapAudioModelWithProjection(ClapAudioConfig(**arch["audio_config"]))
     return BioVITA(clip, audio, arch)

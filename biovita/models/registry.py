@@ -1,13 +1,13 @@
 """Named model configurations (timm-style registry), importable without torch.
 
 A name fixes the image/text tower, the audio tower and the front ends; `biovita list-models`
-prints them. Fields left empty in a run's `model:` section are filled from here.
+prints them. A run's `model:` section is a `ModelConfig`; its empty fields are filled from here.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,20 @@ TINY_AUDIO_CONFIG = {
     "projection_dim": 64,
     "projection_hidden_size": 64,
 }
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a registered config (`biovita list-models`), filled into the fields below
+    clip_model: str = ""  # open_clip name, hf-hub:org/repo, local-dir:/path or checkpoint folder
+    clip_pretrained: str = ""  # open_clip pretrained tag or weights file ("" = random / from hub id)
+    audio_model: str = ""  # "tiny", a hub id like laion/clap-htsat-unfused, or a save_pretrained folder
+    require_pretrained: bool = False
+    init_temperature: float = 0.07
+    # start training from a trained model instead of the towers above: a biovita folder, the
+    # released layout (hf-hub:risashinoda/BioVITA or a folder) or an authors' .pth
+    init_checkpoint: str = ""
+    clap: str = ""  # CLAP base of the released layouts ("" = laion/clap-htsat-unfused)
+
 
 MODEL_CONFIGS: dict[str, ModelSpec] = {}
 
@@ -98,3 +112,13 @@ register(
 
 def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in MODEL_CONFIGS if fnmatch.fnmatch(n, pattern))
+
+
+def resolve_model_config(cfg: ModelConfig | str) -> ModelConfig:
+    """Fill empty fields of a ModelConfig from its registered name."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg)
+    spec = MODEL_CONFIGS[cfg.name]
+    return replace(cfg, clip_model=cfg.clip_model or spec.clip_model,
+                   clip_pretrained=cfg.clip_pretrained or spec.clip_pretrained,
+                   audio_model=cfg.audio_model or spec.audio_model)

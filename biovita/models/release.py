@@ -25,7 +25,16 @@ from pathlib import Path
 
 import torch
 
-from biovita.models.checkpoint import CheckpointError
+from biovita.errors import CheckpointError
+from biovita.models.factory import (
+    audio_config_dict,
+    audio_front_end,
+    clip_config,
+    random_clip,
+    resolve_clip_ref,
+)
+from biovita.models.model import BioVITA
+from biovita.models.registry import resolve_model_config
 
 log = logging.getLogger("biovita.models")
 DEFAULT_CLAP = "laion/clap-htsat-unfused"
@@ -68,14 +77,12 @@ def _clap_parts(clap: str):
     """(ClapConfig, audio front end) of the CLAP base: its config.json and preprocessor config."""
     from transformers import ClapConfig
 
-    from biovita.models.factory import _audio_front_end
-
     try:
         config = ClapConfig.from_pretrained(clap)
     except OSError as e:
         raise CheckpointError(f"CLAP base {clap!r}: no ClapModel config.json there (pass --clap "
                               f"with a Hub id or a local transformers folder): {str(e)[:200]}") from None
-    return config, _audio_front_end(clap)
+    return config, audio_front_end(clap)
 
 
 def _audio_tower(state: dict, clap: str, source: str):
@@ -90,35 +97,9 @@ def _audio_tower(state: dict, clap: str, source: str):
     return audio, fe, len(state) - len(audio_state)
 
 
-def _clip_tower(model_cfg: dict, preprocess_cfg: dict):
-    """A random open_clip model of this config (weights are loaded after) and its front end."""
-    import hashlib
-
-    import open_clip
-
-    from biovita.frontends.image import ImageFrontEnd
-    from biovita.models.factory import _quiet_open_clip, _register_clip_config
-
-    name = "biovita-arch-" + hashlib.sha1(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
-    _register_clip_config(name, model_cfg)
-    with _quiet_open_clip(random_is_expected=True):
-        model = open_clip.create_model(name, pretrained=None, **(
-            {"force_preprocess_cfg": preprocess_cfg} if preprocess_cfg else {}))
-    pp = open_clip.get_model_preprocess_cfg(model)
-    size = pp.get("size", model_cfg["vision_cfg"].get("image_size", 224))
-    fe = ImageFrontEnd(image_size=int(size[0] if isinstance(size, (list, tuple)) else size),
-                       mean=tuple(pp["mean"]), std=tuple(pp["std"]),
-                       interpolation=pp.get("interpolation", "bicubic"),
-                       resize_mode=pp.get("resize_mode", "shortest"))
-    return model, fe
-
-
 def _assemble(clip, clip_cfg, image_fe, audio, audio_fe, adapter_weight, logit_scale, sources, source):
-    from biovita.models.factory import _audio_config_dict
-    from biovita.models.model import BioVITA
-
     arch = {"name": "biovita-release", "clip_config": clip_cfg,
-            "audio_config": _audio_config_dict(audio.config), "image_front_end": asdict(image_fe),
+            "audio_config": audio_config_dict(audio.config), "image_front_end": asdict(image_fe),
             "audio_front_end": asdict(audio_fe), "sources": sources}
     model = BioVITA(clip, audio, arch)
     _load_strict(model.adapter, {"weight": adapter_weight}, source, "audio_adapter")
@@ -143,7 +124,7 @@ def load_official(folder: str | os.PathLike, clap: str | None = None):
         model_cfg = cfg["model_cfg"]
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"{folder / OFFICIAL_FILES[0]}: not an open_clip config ({e})") from None
-    clip, image_fe = _clip_tower(model_cfg, cfg.get("preprocess_cfg", {}))
+    clip, image_fe = random_clip(model_cfg, cfg.get("preprocess_cfg", {}))
     oc_file = folder / OFFICIAL_FILES[1]
     state = _torch_load(oc_file)
     state = state.get("state_dict", state)
@@ -171,8 +152,6 @@ def load_training_checkpoint(path: str | os.PathLike, model_cfg=None, clap: str 
     """A BioVITA model from an authors' training checkpoint; the open_clip architecture comes
     from `model_cfg` (a ModelConfig or registered name, default `bioclip2-clap`: only its
     `open_clip_config.json` is read), CLAP's from `clap` (default: the config's audio model)."""
-    from biovita.models.factory import _clip_config, _resolve_clip_ref, resolve_model_config
-
     path = Path(path)
     state = _torch_load(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -189,9 +168,9 @@ def load_training_checkpoint(path: str | os.PathLike, model_cfg=None, clap: str 
     if "logit_scale" not in state:
         raise CheckpointError(f"{path}: lacks the tensor 'logit_scale'")
     cfg = resolve_model_config(model_cfg or "bioclip2-clap")
-    clip_ref = _resolve_clip_ref(cfg.clip_model)
-    clip_cfg, preprocess = _clip_config(clip_ref)
-    clip, image_fe = _clip_tower(clip_cfg, preprocess)
+    clip_ref = resolve_clip_ref(cfg.clip_model)
+    clip_cfg, preprocess = clip_config(clip_ref)
+    clip, image_fe = random_clip(clip_cfg, preprocess)
     oc = parts["oc_model."]
     _load_strict(clip, {k: (v.reshape(clip.state_dict()[k].shape) if k in clip.state_dict()
                             and v.numel() == clip.state_dict()[k].numel() else v) for k, v in oc.items()},

@@ -13,6 +13,7 @@ error (`{"error": reason, "message": ...}`) with a 4xx status; the service keeps
 # (no `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime,
 # and Serve pickles the app; string annotations leave pydantic models unbuilt)
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -21,8 +22,13 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
+from biovita.embed.cache import gallery_embeddings
 from biovita.errors import MediaError
-from biovita.predict import Rank
+from biovita.models.checkpoint import resolve_checkpoint
+from biovita.predict import Predictor, Rank
+from biovita.runtime import init_ray
+from biovita.serve.gallery import Gallery
+from biovita.structured import build
 
 # reason -> status: what the client sent is not what a route takes
 STATUS = {"empty_file": 400, "missing_file": 400, "html_page": 415, "not_media": 415,
@@ -84,13 +90,12 @@ async def _request_error(request: Request, e: RequestError):
 @serve.deployment(name="biovita")
 @serve.ingress(api)
 class BioVITAService:
-    def __init__(self, cfg: ServeConfig, gallery_cache: str | None):
-        from biovita.predict import Predictor
-        from biovita.serve.gallery import Gallery
-
+    def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.predictor = Predictor(cfg.checkpoint, clap=cfg.clap)
-        self.gallery = Gallery(cfg.gallery, gallery_cache) if gallery_cache else None
+        # embedded by `prepare` before the replicas start: here a read of the cache
+        self.gallery = (Gallery(cfg.gallery, gallery_embeddings(cfg.gallery, cfg.checkpoint))
+                        if cfg.gallery else None)
         self._embed.set_max_batch_size(cfg.max_batch_size)
         self._embed.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -170,8 +175,18 @@ class BioVITAService:
         return Response(data, media_type=MEDIA_TYPES.get(fmt, "application/octet-stream"))
 
 
-def build_app(cfg: ServeConfig, gallery_cache: str | None = None):
-    """The Ray Serve application (bind it with `serve.run`): replicas and autoscaling from cfg."""
+def prepare(cfg: ServeConfig) -> ServeConfig:
+    """The checkpoint as a biovita folder (converted once from another layout) and the
+    gallery embedded (once, on Ray Data, cached beside the store)."""
+    cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint, clap=cfg.clap))
+    if cfg.gallery:
+        gallery_embeddings(cfg.gallery, cfg.checkpoint)
+    return cfg
+
+
+def build_app(cfg: ServeConfig):
+    """The Ray Serve application (bind it with `serve.run`): replicas and autoscaling from
+    cfg, which `prepare` made ready."""
     options = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}}
     if cfg.autoscaling.max_replicas > 1:
         a = cfg.autoscaling
@@ -179,29 +194,20 @@ def build_app(cfg: ServeConfig, gallery_cache: str | None = None):
                                          "target_ongoing_requests": a.target_ongoing_requests}
     else:
         options["num_replicas"] = cfg.replicas
-    return BioVITAService.options(**options).bind(cfg, gallery_cache)
+    return BioVITAService.options(**options).bind(cfg)
 
 
 def start(cfg: ServeConfig, blocking: bool = False) -> str:
     """Build the gallery (once, on Ray Data), start Serve on cfg.host:cfg.port and deploy;
     returns the URL."""
-    from ray import serve
-
-    from biovita.runtime import init_ray
-    from biovita.serve.gallery import build_gallery
-
     init_ray()
-    cache = str(build_gallery(cfg.gallery, cfg.checkpoint)) if cfg.gallery else None
+    cfg = prepare(cfg)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg, cache), name="biovita", route_prefix="/", blocking=blocking)
+    serve.run(build_app(cfg), name="biovita", route_prefix="/", blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}/"
 
 
 def app_builder(args: dict):
     """Serve's application builder (`import_path: biovita.serve.app:app_builder` in a Serve
     config or a KubeRay RayService): `args` are ServeConfig keys."""
-    from biovita.serve.gallery import build_gallery
-    from biovita.structured import build
-
-    cfg = build(ServeConfig, dict(args))
-    return build_app(cfg, str(build_gallery(cfg.gallery, cfg.checkpoint)) if cfg.gallery else None)
+    return build_app(prepare(build(ServeConfig, dict(args))))

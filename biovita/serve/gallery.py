@@ -1,70 +1,33 @@
-"""The gallery a service searches: a store's recordings and photos, embedded once by a
-checkpoint (Ray Data, `biovita.bench.features.embed_to_parquet`) and cached beside the store
-as `<store>/_gallery/<model key>.parquet`. No Ray here: a replica only reads the cache."""
+"""The gallery a service searches: a store's recordings and photos as a checkpoint embeds
+them (`biovita.embed.cache.gallery_embeddings`: made once on Ray Data, cached beside the
+store), with each item's taxonomy and where its media lie in the store."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
+import pyarrow.parquet as pq
+
+from biovita.data.store import filesystem, read_table, table_files, table_uri
+from biovita.data.vectors import Vectors
 
 SHOWN = ("scientific_name", "common_name", "genus", "family", "class")
-
-
-def cache_path(store: str, checkpoint: str) -> Path:
-    """Where a store's embeddings by a checkpoint are kept: beside a local store, else in
-    ~/.cache/biovita/gallery. Keyed by the weights' SHA-256 when the checkpoint records it."""
-    from biovita.data.store import fetch_dir, is_remote
-    from biovita.models.checkpoint import read_meta
-
-    try:
-        key = read_meta(fetch_dir(checkpoint)).get("sha256") or str(checkpoint)
-    except Exception:
-        key = str(checkpoint)
-    name = hashlib.sha1(f"{key}|{store}".encode()).hexdigest()[:16] + ".parquet"
-    if is_remote(store):
-        return Path.home() / ".cache" / "biovita" / "gallery" / name
-    return Path(store) / "_gallery" / name
-
-
-def build_gallery(store: str, checkpoint: str) -> Path:
-    """Embed the store's audio and image tables once (on Ray Data) and return the cache."""
-    from biovita.bench.features import embed_to_parquet
-
-    path = cache_path(store, checkpoint)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        embed_to_parquet(checkpoint, str(tmp), data=store)
-        tmp.rename(path)
-    return path
 
 
 class Gallery:
     """Embeddings per modality with each item's taxonomy, and where its media lie in the store
     (file and row group) so a page can play or show it."""
 
-    def __init__(self, store: str, cache: str | Path):
-        import pyarrow.parquet as pq
-
-        from biovita.data.store import filesystem, read_table, table_files, table_uri
-
+    def __init__(self, store: str, embeddings: dict[str, Vectors]):
         self.store = store
-        t = pq.read_table(cache).to_pylist()
         self.items: dict[str, list[dict]] = {"audio": [], "image": []}
-        vecs: dict[str, list] = {"audio": [], "image": []}
-        meta = {m: {r["id"]: r for r in read_table(store, m, ["id", *SHOWN]).to_pylist()}
-                for m in ("audio", "image")}
-        for r in t:
-            m = r["modality"]
-            info = meta[m].get(r["id"])
-            if info is None:
-                continue
-            self.items[m].append({"id": r["id"], "modality": m, **{k: info[k] for k in SHOWN},
-                                  "media": f"/media/{m}/{r['id']}"})
-            vecs[m].append(r["embedding"])
-        self.emb = {m: np.asarray(v, np.float32).reshape(len(v), -1) for m, v in vecs.items()}
+        self.emb: dict[str, np.ndarray] = {}
+        for m in ("audio", "image"):
+            v = embeddings.get(m) or Vectors([], np.zeros((0, 0), np.float32))
+            meta = {r["id"]: r for r in read_table(store, m, ["id", *SHOWN]).to_pylist()}
+            rows = [k for k, i in enumerate(v.ids) if i in meta]
+            self.items[m] = [{"id": v.ids[k], "modality": m, **{c: meta[v.ids[k]][c] for c in SHOWN},
+                              "media": f"/media/{m}/{v.ids[k]}"} for k in rows]
+            self.emb[m] = v.vectors[rows] if rows else np.zeros((0, 0), np.float32)
         # id -> (file, row group): one row group is read to serve one medium
         self.where: dict[str, dict[str, tuple[str, int]]] = {"audio": {}, "image": {}}
         for m in ("audio", "image"):
@@ -91,10 +54,6 @@ class Gallery:
 
     def media(self, modality: str, media_id: str) -> tuple[bytes, str] | None:
         """(encoded bytes, format) of one gallery item, or None."""
-        import pyarrow.parquet as pq
-
-        from biovita.data.store import filesystem, table_uri
-
         hit = self.where.get(modality, {}).get(media_id)
         if hit is None:
             return None

@@ -7,33 +7,41 @@ checkpoint (`biovita.train.chain` runs the stages in order).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from biovita.config import Config, config_from_dict
+from biovita.bench.validation import held_out_ids
+from biovita.config import Config
 from biovita.data.datasets import stream_dataset
 from biovita.data.decode import AudioDecodeSpec, ImageDecodeSpec
 from biovita.data.planning import row_groups
-from biovita.data.store import filesystem, is_remote, path_exists, read_table, upload_dir
+from biovita.data.schema import TAXONOMY_COLUMNS
+from biovita.data.stats import bad_media_counts, media_stats
+from biovita.data.store import fetch_dir, filesystem, path_exists, read_table, upload_dir
+from biovita.data.vectors import Vectors
+from biovita.embed.cache import prompt_embeddings, store_embeddings
+from biovita.locations import absolute
+from biovita.models.checkpoint import front_ends, load_model, save_model
+from biovita.models.factory import create_model
+from biovita.prompts import LEVEL_TEMPLATES, TEMPLATES, Taxon
+from biovita.tracking.runs import Tracker
 from biovita.train.loop import StageJob, train_loop_per_worker
 from biovita.train.stages import PlanInputs, Stage, get_stage
-from biovita.train.tracking import Tracker
 
 
 def run_dir(cfg: Config) -> str:
-    base = cfg.train.storage_path
-    if not is_remote(base):
-        base = str(Path(base).resolve())
-    return f"{base.rstrip('/')}/{cfg.train.run_name}"
+    return f"{absolute(cfg.train.storage_path).rstrip('/')}/{cfg.train.run_name}"
 
 
 def model_uri(cfg: Config, stage: str) -> str:
@@ -53,8 +61,6 @@ def trained_taxa(root: str) -> list[dict]:
 
 def dataset_fingerprint(root: str) -> str:
     """Hash of the store's metadata (ids, species, splits): what MLflow records as the data."""
-    import hashlib
-
     h = hashlib.sha256()
     for table in ("audio", "image"):
         t = read_table(root, table, columns=["id", "species_id", "split"])
@@ -72,17 +78,44 @@ def _train_meta(root: str, table: str) -> tuple[list[str], list[int]]:
     return [r[0] for r in rows], [int(r[1]) for r in rows]
 
 
-def stage_plans(cfg: Config, stage: Stage, image_emb=None) -> list[dict]:
-    """One plan per epoch, from the store's metadata alone. Deterministic: the driver and
-    every (re)start of the stage's workers draw the same plans."""
-    from biovita.bench.validation import held_out_ids
+def stage_prompts(cfg: Config, stage: Stage) -> list[str]:
+    """Every prompt the stage's decoders can draw: its templates for each taxonomy its
+    training media carry (the decoders build prompts from the media rows)."""
+    templates = LEVEL_TEMPLATES if stage.prompts == "levels" else TEMPLATES
+    t = read_table(cfg.data.root, stage.table, [*TAXONOMY_COLUMNS, "split"]).to_pylist()
+    taxa = {tuple(r[c] for c in TAXONOMY_COLUMNS): r for r in t if r["split"] == "train"}
+    return sorted({p for r in taxa.values() for p in Taxon.from_row(r).prompts(templates)})
 
+
+def frozen_embeddings(cfg: Config, stage: Stage, checkpoint: str) -> dict[str, Vectors]:
+    """What the stage's frozen towers would compute, made once on Ray Data (or read from the
+    store's cache, `biovita.embed.cache`): the training images' embeddings, the embeddings
+    of every prompt the stage can draw. Training then reads vectors: its steps run neither
+    tower and it decodes no image."""
+    d, gpu = cfg.data, cfg.train.use_gpu
+    out: dict[str, Vectors] = {}
+    if "image" in stage.frozen:
+        out["image"] = store_embeddings(d.root, checkpoint, "image", "train", use_gpu=gpu,
+                                        decode_cpus=d.decode_cpus, reduced_images=not d.full_size_images,
+                                        max_image_pixels=d.max_image_pixels)
+    if "text" in stage.frozen:
+        out["text"] = prompt_embeddings(d.root, checkpoint, stage_prompts(cfg, stage), use_gpu=gpu)
+    for m, v in out.items():
+        how = f"made in {v.seconds:.1f} s" if v.seconds else "read from the store's cache"
+        print(f"[{stage.name}] frozen {m} tower: {len(v)} embeddings, {how}", flush=True)
+    return out
+
+
+def stage_plans(cfg: Config, stage: Stage, images: Vectors | None = None) -> list[dict]:
+    """One plan per epoch, from the store's metadata alone. Deterministic: the driver and
+    every (re)start of the stage's workers draw the same plans. `images`: the training
+    images stage 2 pairs clips with (their ids and species)."""
     held = held_out_ids(cfg.train.validation)
     ids, species = _train_meta(cfg.data.root, stage.table)
     ids, species = [i for i in ids if i not in held], [s for i, s in zip(ids, species) if i not in held]
     data = PlanInputs(ids, species)
-    if stage.image_embeddings:
-        pairs = [(i, int(s)) for i, s in zip(image_emb[0], image_emb[2]) if i not in held]
+    if stage.pairs_images:
+        pairs = [(i, int(s)) for i, s in zip(images.ids, images.species) if i not in held]
         data = PlanInputs(ids, species, [p[0] for p in pairs], [p[1] for p in pairs])
     first = stage.epoch_offset(cfg)
     return stage.plans(cfg, data, range(first, first + stage.settings(cfg).epochs))
@@ -95,20 +128,19 @@ def steps_per_epoch(cfg: Config, stage: Stage, plans: list[dict]) -> int:
     return min(sizes) // per_step if sizes else 0
 
 
-def stage_dataset(cfg: Config, stage: Stage, checkpoint: str, image_emb=None, first_epoch: int = 0):
+def stage_dataset(cfg: Config, stage: Stage, checkpoint: str, frozen=None, first_epoch: int = 0):
     """The stage's training data from `first_epoch` on: one lazily-executed Ray Dataset that
-    streams every epoch in turn, each with its own plan and row-group order.
+    streams every epoch in turn, each with its own plan and row-group order. `frozen`: the
+    stage's frozen-tower embeddings (or an ObjectRef to them, passed on as is).
 
     One dataset for all epochs, not one per epoch: each Ray Dataset that Ray Train splits gets
     its own coordinator actor and execution start, and between two of them the idle decode
     workers were reaped, so every epoch paid for new processes importing torch."""
-    from biovita.bench.features import front_ends
-
     d, seed = cfg.data, cfg.train.seed
-    afe, ife = front_ends(checkpoint)
-    # stage 2: (id -> row, embeddings, species), or an ObjectRef to it (passed on as is)
-    emb = ray.get(image_emb) if isinstance(image_emb, ray.ObjectRef) else image_emb
-    plans = {e: p for e, p in enumerate(stage_plans(cfg, stage, emb)) if e >= first_epoch}
+    afe, ife = front_ends(fetch_dir(checkpoint))
+    resolved = ray.get(frozen) if isinstance(frozen, ray.ObjectRef) else (frozen or {})
+    plans = {e: p for e, p in enumerate(stage_plans(cfg, stage, resolved.get("image")))
+             if e >= first_epoch}
     first = stage.epoch_offset(cfg)
     if stage.table == "image":
         spec = ImageDecodeSpec(ife, d.max_image_pixels, not d.full_size_images, seed, first,
@@ -118,9 +150,8 @@ def stage_dataset(cfg: Config, stage: Stage, checkpoint: str, image_emb=None, fi
     # the decode pool gets the CPUs the training workers leave (unless set in the config)
     return stream_dataset(
         d.root, stage.table, spec, plans, stage.settings(cfg).batch_size, seed,
-        image_emb=image_emb if stage.image_embeddings else None,
-        groups=row_groups(d.root, stage.table), num_cpus=d.decode_cpus,
-        decoders=d.decode_concurrency, ahead_mb=d.decode_ahead_mb,
+        frozen=frozen if resolved else None, groups=row_groups(d.root, stage.table),
+        num_cpus=d.decode_cpus, decoders=d.decode_concurrency, ahead_mb=d.decode_ahead_mb,
         reserved_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
 
 
@@ -145,18 +176,17 @@ class StageData:
     workers: the stream begins at the epoch of the last checkpoint, so a resumed stage does
     not decode the epochs it already finished again."""
 
-    config: dict
+    config: Config
     stage: str
     checkpoint: str
-    image_emb: Any = None  # an ObjectRef to (id -> row, embeddings, species) for stage 2
+    frozen: Any = None  # an ObjectRef to the stage's frozen-tower embeddings (`frozen_embeddings`)
     env: dict = field(default_factory=dict)  # the driver's storage settings (s3 endpoints)
 
     def __call__(self):
         for k, v in self.env.items():
             os.environ.setdefault(k, v)
-        cfg = config_from_dict(self.config)
-        return stage_dataset(cfg, get_stage(self.stage), self.checkpoint, self.image_emb,
-                             resume_epoch(cfg, self.stage))
+        return stage_dataset(self.config, get_stage(self.stage), self.checkpoint, self.frozen,
+                             resume_epoch(self.config, self.stage))
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -180,10 +210,9 @@ def worker_output_env(cfg: Config) -> dict[str, str]:
     return env
 
 
-def run_stage(cfg: Config, stage: Stage | str, init: str, tracker: Tracker, image_emb=None,
-              callbacks: list | None = None,
-              report_every_log: bool = False, worker_env: dict[str, str] | None = None,
-              step_callbacks: list | None = None) -> str:
+def run_stage(cfg: Config, stage: Stage | str, init: str, tracker: Tracker,
+              callbacks: list | None = None, report_every_log: bool = False,
+              worker_env: dict[str, str] | None = None, step_callbacks: list | None = None) -> str:
     """Train one stage with a TorchTrainer; returns the consolidated model's URI.
     `callbacks`: Ray Train callbacks (Tune's); `step_callbacks`: functions every worker calls
     with a `StepInfo` after each optimizer step."""
@@ -193,26 +222,27 @@ def run_stage(cfg: Config, stage: Stage | str, init: str, tracker: Tracker, imag
         print(f"[{stage.name}] already finished: {out}", flush=True)
         return out
     st = stage.settings(cfg)
-    steps = steps_per_epoch(cfg, stage, stage_plans(cfg, stage, image_emb))
+    child = tracker.child(stage.name)
+    frozen = frozen_embeddings(cfg, stage, init)
+    steps = steps_per_epoch(cfg, stage, stage_plans(cfg, stage, frozen.get("image")))
     if steps == 0:
         raise ValueError(f"{stage.name}: an epoch holds fewer samples than one global batch "
                          f"({st.batch_size} x {cfg.train.num_workers} workers); lower the batch size")
-    child = tracker.child(stage.name)
     if child:
         child.params({"stage": stage.name, **{f"stage.{k}": v for k, v in asdict(st).items()},
                       "steps_per_epoch": steps})
+        child.metrics({f"cache/{m}_seconds": v.seconds for m, v in frozen.items()}, step=0)
     total = st.epochs * steps if not st.max_steps else min(st.max_steps, st.epochs * steps)
     print(f"[{stage.name}] {st.epochs} epochs x {steps} steps (batch {st.batch_size} x "
           f"{cfg.train.num_workers} workers), {total} steps", flush=True)
-    job = StageJob(config=cfg.to_dict(), stage=stage.name, steps_per_epoch=steps,
-                   init_checkpoint=init, export_to=out, taxa=trained_taxa(cfg.data.root),
-                   mlflow={"uri": child.uri, "run_id": child.run_id, "owned": child.owned}
-                   if child else None,
+    job = StageJob(config=cfg, stage=stage.name, steps_per_epoch=steps, init_checkpoint=init,
+                   export_to=out, taxa=trained_taxa(cfg.data.root), mlflow=child,
                    report_every_log=report_every_log, progress_to=progress_uri(cfg, stage.name),
                    callbacks=list(step_callbacks or []))
-    emb_ref = ray.put(image_emb) if image_emb is not None else None  # once, not per restart
-    trainer = _trainer(cfg, stage, job, StageData(cfg.to_dict(), stage.name, init, emb_ref,
-                                                  forwarded_env()), callbacks, worker_env)
+    frozen_ref = ray.put(frozen) if frozen else None  # once, not per restart
+    trainer = _trainer(cfg, stage, job, StageData(cfg, stage.name, init, frozen_ref, forwarded_env()),
+                       callbacks, worker_env)
+    before = decoded_media()
     t0 = time.time()
     try:
         result = trainer.fit()
@@ -220,12 +250,23 @@ def run_stage(cfg: Config, stage: Stage | str, init: str, tracker: Tracker, imag
         if child:
             child.end("FAILED")
         raise
+    decoded = {f"decoded/{t}": n - before.get(t, 0) for t, n in decoded_media().items()}
+    print(f"[{stage.name}] decoded during training: " + ", ".join(
+        f"{n} {t.split('/')[1]}" for t, n in sorted(decoded.items())), flush=True)
     if child:
-        child.metrics({"stage_seconds": time.time() - t0}, step=int(result.metrics.get("step", 0)))
+        child.metrics({"stage_seconds": time.time() - t0, **decoded},
+                      step=int(result.metrics.get("step", 0)))
         child.end()
     if not stage_done(cfg, stage.name):
         raise RuntimeError(f"{stage.name} finished without exporting a model to {out}")
     return out
+
+
+def decoded_media() -> dict[str, int]:
+    """Media decoded so far in this job, by table (the job's stats actor counts them)."""
+    media_stats()  # (made here when the caller has none: a stage run on its own)
+    good = bad_media_counts()["good"]
+    return {t: int(good.get(t, 0)) for t in ("audio", "image")}
 
 
 def _data_config() -> DataConfig:
@@ -233,8 +274,6 @@ def _data_config() -> DataConfig:
     execution options with these, and by default blocks reach the workers as their decoders
     finish (measured: two runs with equal seeds saw the same batches in other orders from
     step 3 on)."""
-    import warnings
-
     with warnings.catch_warnings():  # Ray 2.60 warns of its own use of exclude_resources here
         warnings.simplefilter("ignore", DeprecationWarning)
         opts = DataConfig.default_ingest_options()
@@ -274,13 +313,8 @@ def _trainer(cfg: Config, stage: Stage, job: StageJob, data: StageData, callback
 def save_init(cfg: Config) -> str:
     """The starting weights, built once on the driver (hub downloads happen here): the model
     config's towers, or `model.init_checkpoint` in any layout biovita reads."""
-    from biovita.models.checkpoint import load_model, save_model
-    from biovita.models.factory import create_model
-
     uri = model_uri(cfg, "init")
     if not stage_done(cfg, "init"):
-        import torch
-
         m = cfg.model
         # random towers (and adapters) drawn from train.seed: runs with equal seeds start alike
         with torch.random.fork_rng(devices=[]):
@@ -291,17 +325,3 @@ def save_init(cfg: Config) -> str:
             save_model(model, d, metadata={"stage": "init"})
             upload_dir(d, uri)
     return uri
-
-
-def image_embeddings(cfg: Config, checkpoint: str):
-    """Frozen image-tower embeddings of the training images (stage 2 pairs audio with these).
-
-    The image tower is frozen and its eval preprocess deterministic, so embedding each image
-    once is exactly what re-encoding it every step would give, without the ViT forward."""
-    from biovita.bench.features import collect_embeddings, embed_dataset
-
-    ds = embed_dataset(checkpoint, cfg.data.root, "image", split="train",
-                       max_image_pixels=cfg.data.max_image_pixels, use_gpu=cfg.train.use_gpu,
-                       stats_name=None, decode_cpus=cfg.data.decode_cpus,
-                       reduced_images=not cfg.data.full_size_images)
-    return collect_embeddings(ds)

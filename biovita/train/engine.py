@@ -1,5 +1,10 @@
 """The training engine of the worker loop: DeepSpeed ZeRO over the model, with an AdamW over
-the optimizer groups a stage asks for, some of which may start only at a later step."""
+the optimizer groups a stage asks for, some of which may start only at a later step.
+
+A step reads nothing back to the host: torch's fused AdamW (one kernel over a group's flat
+partition, its step counts on the device), no per-parameter overflow check in bf16, and
+DeepSpeed's gradient norm, clipping and non-finite guard as multi-tensor work decided on the
+device (`biovita.train.deepspeed_patches`)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ from pathlib import Path
 import torch
 
 from biovita.config import Config
+from biovita.train import deepspeed_patches
 from biovita.train.losses import LOGIT_SCALE_MAX, LOGIT_SCALE_MIN
+
+deepspeed_patches.apply()
 
 DS_TAG = "ds"
 STATE_FILE = "biovita_state.json"
@@ -53,10 +61,10 @@ def deepspeed_config(cfg: Config, micro_batch: int, grad_clip: float) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.train.accum_freq,
-        "gradient_clipping": grad_clip,  # 0: none (METHOD.md clips in phase 2 only)
+        "gradient_clipping": grad_clip,  # 0: none (the method clips in phase 2 only)
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # StagedAdamW is torch's AdamW underneath
-        "bf16": {"enabled": bool(cfg.train.use_gpu)},
+        "bf16": {"enabled": cfg.train.bf16(), "check_grad_overflow": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -71,12 +79,14 @@ class Engine:
 
         self.cfg, self.rank = cfg, rank
         self.device = device or torch.device("cpu")
-        opt = StagedAdamW(groups, betas=betas, eps=eps)
+        # ZeRO-3 hands the optimizer partitions that live on other devices between steps:
+        # the fused kernel is for ZeRO 0-2, whose flat fp32 partitions stay put
+        opt = StagedAdamW(groups, betas=betas, eps=eps, fused=cfg.train.zero_stage < 3)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model.to(self.device), optimizer=opt,
             config=deepspeed_config(cfg, micro_batch, grad_clip))
         self.module = self.engine.module
-        self.dtype = torch.bfloat16 if cfg.train.use_gpu else torch.float32
+        self.dtype = torch.bfloat16 if cfg.train.bf16() else torch.float32
         if cfg.train.zero_stage == 3:
             _register_zero3_external_params(self.module)
 
@@ -96,18 +106,18 @@ class Engine:
 
     def clamp(self, param: torch.Tensor) -> None:
         """Clamp a parameter to [ln(1/100), ln 100], in the fp32 master copy the optimizer
-        updates (and checkpoints) as well as in the module."""
+        updates (and checkpoints) as well as in the module. A clamp is elementwise: each rank
+        clamps the part of the master it holds, on the device, with no collective."""
         from deepspeed import utils
 
-        if self.cfg.train.zero_stage == 3:  # a clamp is elementwise: each rank its partition
+        if self.cfg.train.zero_stage == 3:
             # (DeepSpeed 0.19.8's set_full_hp_param mis-slices parameters smaller than the ranks)
             local = utils.safe_get_local_fp32_param(param)
             if local is not None:
                 utils.safe_set_local_fp32_param(param, local.clamp(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX))
-        else:
-            master = utils.safe_get_full_fp32_param(param)
-            if master is not None:
-                utils.safe_set_full_fp32_param(param, master.clamp(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX))
+        elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO 1-2 and bf16: a fragment here
+            with torch.no_grad():
+                param._hp_mapping.get_hp_fragment().clamp_(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX)
         with self.gathered([param]), torch.no_grad():
             param.clamp_(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX)
 

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from biovita.config import ConfigError, load_config, packaged_configs
+from biovita.config import load_config, packaged_configs
+from biovita.errors import ConfigError
 
 
 def parser(prog: str = "train.py") -> argparse.ArgumentParser:
@@ -52,9 +53,10 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
 def run(cfg, bench: bool = True) -> str | None:
     from biovita.data.stats import media_stats
     from biovita.runtime import configure_output, init_ray
-    from biovita.train.chain import ensure_data, run_chain, stages_to_run
+    from biovita.train.chain import ensure_data, run_chain
+    from biovita.train.stages import stages_to_run
     from biovita.train.driver import dataset_fingerprint, run_dir, save_init
-    from biovita.train.tracking import Tracker, git_commit
+    from biovita.tracking.runs import Tracker, git_commit
 
     t0 = time.time()
     ensure_data(cfg)
@@ -84,7 +86,7 @@ def run(cfg, bench: bool = True) -> str | None:
     tracker.end()
     print(f"total time {time.time() - t0:.0f} s; run dir {run_dir(cfg)}")
     if tracker.parent:
-        from biovita.train.tracking import experiment_link
+        from biovita.tracking.runs import experiment_link
 
         print(f"MLflow: mlflow ui --backend-store-uri {tracker.uri}, then "
               f"http://127.0.0.1:5000{experiment_link(tracker.experiment)}", flush=True)
@@ -98,12 +100,13 @@ def run_benchmarks(cfg, models: dict[str, str], tracker) -> str:
     from biovita.bench.build import build_benchmark
     from biovita.bench.report import format_summary
     from biovita.bench.run import evaluate
-    from biovita.data.store import is_remote
+    from biovita.locations import is_remote
     from biovita.train.driver import run_dir
+    from biovita.train.stages import benchmarked
 
     local = Path(run_dir(cfg)) if not is_remote(run_dir(cfg)) else Path("results") / cfg.train.run_name
     base = Path(cfg.bench.out) if cfg.bench.out else local
-    stages = [s for s in ("stage1", "stage2.phase2") if s in models]
+    stages = benchmarked(models)
     scored: dict[str, dict[str, dict]] = {}  # split -> stage -> result
     for split in cfg.bench.split_list():
         bench = base / f"bench_{split}"
@@ -111,12 +114,12 @@ def run_benchmarks(cfg, models: dict[str, str], tracker) -> str:
             build_benchmark(cfg.data.root, bench, cfg.bench.candidates, split, cfg.bench.seed)
         suffix = "" if split == "seen" else f"_{split}"
         for stage in stages:
-            name = "stage2" if stage == "stage2.phase2" else stage
-            scored.setdefault(split, {})[stage] = evaluate(
-                bench, models[stage], local / "features" / stage, use_gpu=cfg.train.use_gpu,
+            name = stage.bench_name
+            scored.setdefault(split, {})[stage.name] = evaluate(
+                bench, models[stage.name], local / "features" / stage.name, use_gpu=cfg.train.use_gpu,
                 json_out=local / f"results_{name}{suffix}.json", logger=tracker.parent,
                 prefix=f"bench_{name}{suffix}", title=f"BioVITA Bench ({split}) - {name}")
-    final_stage = stages[-1]
+    final_stage = stages[-1].name
     print()
     print(format_summary(scored))
     result = {"stage": final_stage, "checkpoint": models[final_stage],
@@ -126,7 +129,7 @@ def run_benchmarks(cfg, models: dict[str, str], tracker) -> str:
     if tracker.parent:
         tracker.parent.artifact(out, "bench")
         from biovita.bench.report import mean_top1
-        from biovita.models.mlflow_model import log_model
+        from biovita.tracking.pyfunc import log_model
 
         summary = {f"bench{'' if split == 'seen' else '_' + split}_{lvl}_avg_top1":
                    mean_top1(by_stage[final_stage], lvl)

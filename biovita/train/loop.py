@@ -4,38 +4,53 @@
 only place that calls Ray Train (`get_context`, `get_dataset_shard`, `get_checkpoint`,
 `report`). The model, the losses and the stage declarations come from the library; this
 file composes them.
+
+A step that does not log reads nothing back to the host: clips arrive as waveforms and their
+log-mels are computed on the worker's device, a frozen tower's embeddings arrive with the
+batch, the loss terms and metrics stay on the device until the logging step averages them
+over the workers (one collective and one host read per logging interval), and phase 2's gate
+decides on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
-from biovita.config import Config, config_from_dict
+from biovita.bench.validation import ValidationSet, score
+from biovita.config import Config
+from biovita.data.store import fetch_dir, filesystem
+from biovita.frontends.audio import LogMel
+from biovita.models.checkpoint import load_biovita
+from biovita.tracking.runs import RunLogger
 from biovita.train import freeze, losses, schedules
 from biovita.train.engine import Engine
-from biovita.train.stages import LossInputs, Stage, get_stage
-from biovita.train.tracking import RunLogger
+from biovita.train.export import export_consolidated
+from biovita.train.stages import BASELINE_ATC, GATE_OPEN, GATE_OPEN_SHARE, LossInputs, Stage, get_stage
 
 
 @dataclass
 class StageJob:
-    """What the driver sends to every worker of a stage."""
+    """What the driver sends to every worker of a stage (Ray pickles it whole: the typed
+    config travels as it is)."""
 
-    config: dict  # Config.to_dict(), validated on the driver
+    config: Config  # validated on the driver
     stage: str
     steps_per_epoch: int
     init_checkpoint: str  # model folder (or URI) the stage starts from
     export_to: str  # where the consolidated model goes at the end
     taxa: list[dict] = field(default_factory=list)  # stored with the exported model
-    mlflow: dict | None = None  # {"uri", "run_id"[, "owned"]}: rank 0 logs there
+    mlflow: RunLogger | None = None  # the stage's run: rank 0 logs there
     report_every_log: bool = False  # a metrics-only report per log line (Tune's ASHA)
     progress_to: str = ""  # where rank 0 notes the epoch of each persisted checkpoint
     callbacks: list[Callable[["StepInfo"], None]] = field(default_factory=list)  # after each step
@@ -110,8 +125,6 @@ class LocalIO:
     `<out>/checkpoint_<n>`; `resume` starts from such a folder."""
 
     def __init__(self, batches, out: str | Path, resume: str | None = None):
-        import torch.distributed as dist
-
         self._batches, self.out, self.resume = batches, Path(out), resume
         on = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
@@ -121,18 +134,17 @@ class LocalIO:
         return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
     def batches(self, batch_size: int, prefetch: int) -> Iterator[dict]:
-        # copies: the loop pops keys, and the baseline pass and training may both read the list
-        return (dict(b) for b in self._batches)
+        # copies: the loop pops keys, and the baseline pass and training may both read the list;
+        # `epoch` as TorchCollate gives it (an int)
+        for b in self._batches:
+            epoch = b.get("epoch", 0)
+            yield {**b, "epoch": int(epoch.min()) if isinstance(epoch, torch.Tensor) else int(epoch)}
 
     @contextlib.contextmanager
     def checkpoint(self):
         yield self.resume
 
     def report(self, metrics: dict, directory: str | None = None) -> None:
-        import shutil
-
-        import torch.distributed as dist
-
         if directory:
             self.reports += 1
             shutil.copytree(directory, self.out / f"checkpoint_{self.reports}", dirs_exist_ok=True)
@@ -152,51 +164,67 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         run.run()
 
 
+# the tower each modality's encoder runs (`train.compile` compiles those a stage's steps run)
+TOWERS = {"audio": lambda m: m.audio, "text": lambda m: m.clip.transformer,
+          "image": lambda m: m.clip.visual}
+
+
 class StageRun:
     """One stage on one worker: model, engine and state, restored from the last checkpoint."""
 
     def __init__(self, job: StageJob, io):
-        from biovita.data.store import fetch_dir
-        from biovita.models.checkpoint import load_biovita
-
         self.job, self.io = job, io
-        self.cfg: Config = config_from_dict(job.config)
+        self.cfg: Config = job.config
         self.stage: Stage = get_stage(job.stage)
         self.settings = self.stage.settings(self.cfg)
         self.s2 = s2 = self.cfg.stage2
         torch.manual_seed(self.cfg.train.seed * 1000 + io.rank)  # once, before any module init
-        self.logger = RunLogger(**job.mlflow) if (io.rank == 0 and job.mlflow) else None
+        self.logger = job.mlflow if io.rank == 0 else None
         model = load_biovita(fetch_dir(job.init_checkpoint))
         model.train()
         if self.stage.reset_logit_scale:
             freeze.reset_logit_scale(model.logit_scale, s2.logit_reset_temperature)
         groups = freeze.param_groups(model, self.stage, self.settings, s2)
+        device = io.device(self.cfg.train.use_gpu)
         self.eng = Engine(model, groups, self.cfg, self.settings.batch_size,
                           self.stage.betas(self.cfg), s2.eps, self.stage.grad_clip(self.cfg),
-                          io.device(self.cfg.train.use_gpu), io.rank)
+                          device, io.rank)
         self.module = self.eng.module
         self.tokenizer = self.module.tokenizer()
+        self.log_mel = LogMel(self.module.audio_front_end, device)
+        self.compiled = self._compile() if self.cfg.train.compiles() else []
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "gate": None, "baseline_atc": None,
                                       "gate_open_steps": 0}
         with io.checkpoint() as d:
             if d:
                 self.state = self.eng.load(d)
                 self._resumed()
-        self.gate = (schedules.ATCGate.from_state(self.state["gate"]) if self.state.get("gate")
+        self.gate = (schedules.ATCGate.from_state(self.state["gate"], device) if self.state.get("gate")
                      else self._new_gate(self.state.get("baseline_atc") or 1.0))
+        self.gate_open_steps = torch.tensor(float(self.state["gate_open_steps"]), device=device)
         total = self.settings.epochs * job.steps_per_epoch
         self.total_steps = min(total, self.settings.max_steps) if self.settings.max_steps else total
-        self.step_log: list[tuple[int, dict[str, float]]] = []
+        self.step_log: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.val, self.val_metrics = None, {}
         if self.cfg.train.validation:
-            from biovita.bench.validation import ValidationSet
-
             self.val = ValidationSet.load(self.cfg.train.validation)
 
     def _new_gate(self, baseline: float) -> schedules.ATCGate:
         s2 = self.s2
         return schedules.ATCGate(baseline=baseline, alpha=s2.gate_alpha, off_ratio=s2.gate_off_ratio,
-                                 on_ratio=s2.gate_on_ratio, patience=s2.gate_patience)
+                                 on_ratio=s2.gate_on_ratio, patience=s2.gate_patience,
+                                 device=self.eng.device)
+
+    def _compile(self) -> list[str]:
+        """torch.compile (in place: parameter names and checkpoints unchanged) the towers
+        this stage's steps run; frozen towers whose embeddings come cached run nowhere."""
+        names = [m for m in self.stage.inputs if m not in self.stage.frozen]
+        for m in names:
+            TOWERS[m](self.module).compile()
+        if self.io.rank == 0:
+            print(f"[{self.stage.name}] train.compile: the {', '.join(names)} tower(s) are "
+                  "compiled with torch.compile at the first step", flush=True)
+        return names
 
     def _resumed(self) -> None:
         if self.io.rank != 0:
@@ -227,19 +255,19 @@ class StageRun:
             batch = self.meter.timed(lambda: next(batches, None))
             if batch is None:
                 break
-            epoch = int(batch.pop("epoch").min())
+            epoch = batch.pop("epoch")
             micro.append(batch)
             if len(micro) < k:
                 continue
-            parts = self._train_step(micro)
+            parts = self._first_step(micro) if self.compiled and not self.meter.steps else self._train_step(micro)
             micro = []
             s["step"] += 1
             s["epoch"] = epoch
-            s["gate_open_steps"] += int(parts.get("phase2/gate_open", 0))
+            if GATE_OPEN in parts:
+                self.gate_open_steps += parts[GATE_OPEN]
             self.meter.add({key: v for key, v in parts.items() if key not in self.stage.per_step})
             if self.stage.per_step:
-                self.step_log.append((s["step"], {**{key: parts[key] for key in self.stage.per_step},
-                                                  **self._learning_rates()}))
+                self.step_log.append((s["step"], {key: parts[key] for key in self.stage.per_step}))
             for callback in self.job.callbacks:
                 callback(StepInfo(s["step"], epoch, self.io.rank, self.io.world, self))
             self._after_step()
@@ -248,18 +276,35 @@ class StageRun:
             self._validate()
         final = {**self.last_metrics, **self.val_metrics, "step": s["step"],
                  "baseline_atc": s.get("baseline_atc") or 0.0}
-        if self.stage.per_step and s["step"]:
-            final["phase2/gate_open_share"] = s["gate_open_steps"] / s["step"]
+        if self.stage.measures_baseline and s["step"]:
+            final[GATE_OPEN_SHARE] = float(self.gate_open_steps) / s["step"]
         final.setdefault("top1_batch", 0.0)
         self._save(final, final=True)
 
-    def _measure_baseline(self, batches: Iterator[dict]) -> Iterator[dict]:
-        """baseline_ATC (METHOD.md): after the logit-scale reset and before any update, in eval
-        mode without gradients, the mean ATC over the first `stage2.baseline_batches` batches
-        of this stage's data (3.0 if none is finite). The batches read are then trained on."""
-        import itertools
-        import math
+    def _first_step(self, micro: list[dict]) -> dict[str, torch.Tensor]:
+        """The first step, where torch.compile compiles: a failure names the towers and the
+        way out; graph breaks (parts left to eager mode) are said, not hidden."""
+        from torch._dynamo.utils import counters
 
+        try:
+            parts = self._train_step(micro)
+        except Exception as e:  # (dynamo's and inductor's errors have no common base class)
+            raise RuntimeError(
+                f"[{self.stage.name}] train.compile: torch.compile failed on the "
+                f"{', '.join(self.compiled)} tower(s): {type(e).__name__}: {str(e).splitlines()[0][:300]} "
+                "(train.compile=false runs them eagerly)") from e
+        breaks = counters.get("graph_break", {})
+        if self.io.rank == 0:
+            detail = "; ".join(f"{n} x {str(r).splitlines()[0][:80]}" for r, n in list(breaks.items())[:3])
+            print(f"[{self.stage.name}] train.compile: compiled, {sum(breaks.values())} graph "
+                  f"break(s){': ' + detail if detail else ''}", flush=True)
+        return parts
+
+    def _measure_baseline(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """baseline_ATC (the method's phase 2): after the logit-scale reset and before any
+        update, in eval mode without gradients, the mean ATC over the first
+        `stage2.baseline_batches` batches of this stage's data (3.0 if none is finite). The
+        batches read are then trained on. Read on the host once, before the first step."""
         head = list(itertools.islice(batches, self.s2.baseline_batches))
         n = losses.all_min(len(head))  # every rank the same number: the loss gathers across them
         self.module.eval()
@@ -277,7 +322,7 @@ class StageRun:
             print(f"[{self.stage.name}] baseline ATC {baseline:.4f} (eval mode, {n} batches)",
                   flush=True)
             if self.logger:
-                self.logger.metrics({"phase2/baseline_atc": baseline}, step=0)
+                self.logger.metrics({BASELINE_ATC: baseline}, step=0)
         return itertools.chain(head, batches)
 
     def _batch_atc(self, batch: dict, scale: torch.Tensor) -> float:
@@ -303,8 +348,6 @@ class StageRun:
 
     def _validate(self) -> None:
         """Score the validation set (every rank: under ZeRO-3 a forward needs them all)."""
-        from biovita.bench.validation import score
-
         module, dev, dtype = self.module, self.eng.device, self.eng.dtype
         was = module.training
         module.eval()
@@ -321,29 +364,32 @@ class StageRun:
                 self.logger.metrics(self.val_metrics, step=self.state["step"])
 
     def _encoders(self) -> dict[str, Callable]:
+        """Each modality's encoder, by the batch column the stage feeds it."""
         module, dev, dtype = self.module, self.eng.device, self.eng.dtype
         by_column = {
-            "text": lambda texts: module.encode_text(self.tokenizer(texts).to(dev)),
-            "mel": lambda mel: module.encode_audio(mel.to(dev, dtype)),
-            "pixels": lambda px: module.encode_image(px.to(dev)),  # uint8: normalised on the device
-            # precomputed embeddings of the frozen image tower
-            "image_emb": lambda x: x.to(dev),
+            "text": lambda texts: module.encode_text(self.tokenizer(texts).to(dev, non_blocking=True)),
+            # float16 waveforms -> log-mels on this device (float32), then the tower's dtype
+            "wave": lambda wave: module.encode_audio(self.log_mel(wave).to(dtype)),
+            "pixels": lambda px: module.encode_image(px.to(dev, non_blocking=True)),  # uint8: normalised here
+            # a frozen tower's embeddings, made once before the stage (`biovita.embed.cache`)
+            "text_emb": lambda x: x.to(dev, non_blocking=True),
+            "image_emb": lambda x: x.to(dev, non_blocking=True),
         }
         return {m: by_column[col] for m, col in self.stage.inputs.items()}
 
     def _features(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Embeddings in float32 whatever the towers ran in (NaN/inf zeroed, renormalised):
-        similarities and losses are float32 (METHOD.md, numerics)."""
+        similarities and losses are float32 (the method's numerics)."""
         encoders = self._encoders()
         return {m: _fp32(encoders[m](x)) for m, x in inputs.items()}
 
-    def _train_step(self, micro: list[dict]) -> dict[str, float]:
+    def _train_step(self, micro: list[dict]) -> dict[str, torch.Tensor]:
         """Forward + backward of one optimizer step (k micro-batches), then the update."""
         stage, eng, module, step = self.stage, self.eng, self.module, self.state["step"]
         freeze.apply_delays(module, eng.optimizer, stage, step, self.s2)
         encoders = {m: (lambda enc: lambda x: _fp32(enc(x)))(enc) for m, enc in self._encoders().items()}
         mbs = [{m: b[col] for m, col in stage.inputs.items()} for b in micro]
-        logged: dict[str, float] = {}
+        logged: dict[str, torch.Tensor] = {}
 
         def loss_fn(feats: dict[str, torch.Tensor], first: bool) -> torch.Tensor:
             scale = module.logit_scales()[stage.scale].float()
@@ -357,8 +403,6 @@ class StageRun:
             eng.backward(loss_fn({m: enc(mbs[0][m]) for m, enc in encoders.items()}, True))
         else:
             losses.accumulate_contrastive(encoders, mbs, loss_fn, backward=eng.backward)
-        if "atc" in logged:
-            logged["atc"], = losses.all_mean([logged["atc"]])
         eng.step()
         eng.clamp(module.logit_scale_param(stage.scale))  # open_clip's training clamps its scale too
         return logged
@@ -370,6 +414,8 @@ class StageRun:
 
     # ------------------------------------------------------------------------ output
     def _log(self) -> None:
+        """The logging step: the window's means over the workers (every rank: one collective),
+        read to the host once; rank 0 prints and logs them, and the per-step scalars."""
         s, module = self.state, self.module
         window = self.meter.window(s["step"])
         scale = self.eng.master_value(module.logit_scale_param(self.stage.scale))
@@ -385,14 +431,13 @@ class StageRun:
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
         if self.logger:
             self.logger.metrics({**m, **self.io.skipped_media()}, step=s["step"])
-            self.logger.step_metrics(steps)
+            self.logger.step_metrics(_host(steps))
 
     def _save(self, metrics: dict, final: bool = False) -> None:
         """Checkpoint (every rank its shard), report it, and at the end export the model."""
-        from biovita.train.export import export_consolidated
-
         s = self.state
         s["gate"] = self.gate.state_dict()
+        s["gate_open_steps"] = float(self.gate_open_steps)
         with tempfile.TemporaryDirectory() as d:
             self.eng.save(d, dict(s))
             if final:
@@ -407,13 +452,23 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.nan_to_num(x.float()), dim=-1)
 
 
+def _host(steps: list[tuple[int, dict[str, torch.Tensor]]]) -> list[tuple[int, dict[str, float]]]:
+    """Per-step device scalars as floats, read in one transfer."""
+    if not steps:
+        return []
+    keys = list(steps[0][1])
+    values = torch.stack([torch.stack([v[k].float() for k in keys]) for _, v in steps]).tolist()
+    return [(step, dict(zip(keys, row))) for (step, _), row in zip(steps, values)]
+
+
 class _Meter:
-    """Per-window means of the logged scalars, throughput and the time spent waiting for data."""
+    """Per-window means of the logged scalars (kept on the device until the window closes),
+    throughput and the time spent waiting for data."""
 
     def __init__(self, samples_per_step: int, step: int):
         self.samples_per_step = samples_per_step
-        self.values: dict[str, list[float]] = {}
-        self.wait = 0.0
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.wait, self.steps = 0.0, 0
         self.t_last, self.step_last = time.time(), step
         self.t_start, self.step_start = self.t_last, step
 
@@ -423,14 +478,20 @@ class _Meter:
         self.wait += time.perf_counter() - t
         return out
 
-    def add(self, parts: dict[str, float]) -> None:
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
         for key, v in parts.items():
-            self.values.setdefault(key, []).append(v)
+            self.values.setdefault(key, []).append(v.detach().float().reshape(()))
 
     def window(self, step: int) -> dict[str, float]:
+        """The window's means over the workers (every rank calls it at the same steps)."""
         now = time.time()
         dt = max(now - self.t_last, 1e-6)
-        out = {key: float(np.mean(v)) for key, v in self.values.items()}
+        keys = sorted(self.values)
+        out: dict[str, float] = {}
+        if keys:
+            means = torch.stack([torch.stack(self.values[k]).mean() for k in keys])
+            out = dict(zip(keys, losses.mean_over_ranks(means).tolist()))
         out.update(samples_per_s=(step - self.step_last) * self.samples_per_step / dt,
                    data_wait=self.wait / dt)
         self.values, self.wait, self.t_last, self.step_last = {}, 0.0, now, step
@@ -444,8 +505,6 @@ class _Meter:
 def write_progress(uri: str, state: dict) -> None:
     """Where the last checkpoint stands in the data: the next (re)start streams from here."""
     import json
-
-    from biovita.data.store import filesystem
 
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

@@ -27,7 +27,8 @@ def dist_info() -> tuple[int, int]:
 
 
 def all_mean(values: list[float]) -> list[float]:
-    """Mean over workers, so every rank takes the same schedule decisions."""
+    """Mean over workers of host values (a host read: for once-per-stage decisions such as the
+    gate's baseline, never inside a step)."""
     t = torch.tensor(values, dtype=torch.float64)
     _, ws = dist_info()
     if ws > 1:
@@ -37,12 +38,22 @@ def all_mean(values: list[float]) -> list[float]:
 
 
 def all_min(value: int) -> int:
-    """Minimum over workers (how many batches every worker has)."""
+    """Minimum over workers (how many batches every worker has); a host read, like `all_mean`."""
     t = torch.tensor([value], dtype=torch.int64)
     _, ws = dist_info()
     if ws > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over the workers, left on its device (one collective, no host read)."""
+    _, ws = dist_info()
+    if ws == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / ws
 
 
 def gather_with_grad(x: torch.Tensor, world_size: int | None = None) -> torch.Tensor:
@@ -59,8 +70,10 @@ def contrastive_logits(
     a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Local-vs-global logits: (B x B*W) for a->b and for b->a."""
-    b_all = gather_with_grad(b)
-    a_all = gather_with_grad(a)
+    return _logits(a, b, gather_with_grad(a), gather_with_grad(b), logit_scale)
+
+
+def _logits(a, b, a_all, b_all, logit_scale):
     return logit_scale * a @ b_all.T, logit_scale * b @ a_all.T
 
 
@@ -68,15 +81,20 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor
     """Symmetric InfoNCE between two batches of L2-normalised embeddings (row i <-> row i).
 
     As the authors compute it: in float32 whatever the towers ran in, and a logit matrix that
-    is not finite (on any worker) makes the loss 0 for the step, with zero gradients."""
-    a, b = a.float(), b.float()
+    is not finite (on any worker) makes the loss 0 for the step, with zero gradients. Decided
+    on the device: every worker holds the same gathered features and scale, from which
+    the logits' finiteness follows, so every worker decides alike without a collective."""
+    a, b, scale = a.float(), b.float(), logit_scale.float()
     rank, _ = dist_info()
-    logits_ab, logits_ba = contrastive_logits(a, b, logit_scale.float())
-    finite, = all_mean([float(bool(torch.isfinite(logits_ab).all() and torch.isfinite(logits_ba).all()))])
-    if finite < 1.0:
-        return (a.sum() + b.sum()) * 0.0
+    a_all, b_all = gather_with_grad(a), gather_with_grad(b)
+    finite = (torch.isfinite(a_all).all() & torch.isfinite(b_all).all()
+              & torch.isfinite(scale).all())
+    # computed on finite stand-ins, so that a masked step's gradients are zeros, not NaN
+    a, b, a_all, b_all = (torch.nan_to_num(x) for x in (a, b, a_all, b_all))
+    logits_ab, logits_ba = _logits(a, b, a_all, b_all, torch.nan_to_num(scale, posinf=1.0))
     labels = torch.arange(a.shape[0], device=a.device) + a.shape[0] * rank
-    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+    loss = 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+    return torch.where(finite, loss, torch.zeros_like(loss))
 
 
 def atc(audio: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -94,10 +112,11 @@ def itc(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.T
     return contrastive_loss(image, text, scale)
 
 
-def batch_top1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """In-batch a->b retrieval Top-1 (the cheap retrieval metric of a training step)."""
+def batch_top1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """In-batch a->b retrieval Top-1 (the cheap retrieval metric of a training step), on the
+    device."""
     with torch.no_grad():
-        return (a @ b.T).argmax(1).eq(torch.arange(len(a), device=a.device)).float().mean().item()
+        return (a @ b.T).argmax(1).eq(torch.arange(len(a), device=a.device)).float().mean()
 
 
 @torch.no_grad()

@@ -18,86 +18,116 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from biovita.config import (
     PACKAGED_CONFIGS,
     Config,
-    ConfigError,
+    config_from_dict,
     load_config,
     resolve_config_path,
     save_config,
 )
+from biovita.errors import ConfigError
+from biovita.locations import absolute, is_remote
+from biovita.structured import build
+
+# Ray, torch and the training modules are imported inside the functions that use them:
+# `biovita tune --help` (this module's parser) stays instant.
 
 SPACES = PACKAGED_CONFIGS / "sweeps"  # search spaces shipped with biovita
 DEFAULT_SPACE = SPACES / "default.yaml"
-SEARCHERS = ("random", "grid", "optuna")
-KINDS = ("uniform", "loguniform", "choice", "grid")
+
+
+@dataclass
+class Dist:
+    """One parameter's distribution: `uniform` / `loguniform` between `low` and `high`, a
+    random `choice` among `values`, or a `grid` over them."""
+
+    type: Literal["uniform", "loguniform", "choice", "grid"] = "uniform"
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] = field(default_factory=list)
+
+    @property
+    def ranged(self) -> bool:
+        return self.type in ("uniform", "loguniform")
+
+    def check(self, key: str) -> None:
+        if self.ranged:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ConfigError(f"{key}: empty range (need low < high, got {self.low!r}, {self.high!r})")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ConfigError(f"{key}: loguniform needs low > 0")
+        elif not self.values:
+            raise ConfigError(f"{key}: empty list of values")
+
+    def extremes(self) -> list:
+        """The values whose configs must be valid (so every drawn one is)."""
+        return [self.low, self.high] if self.ranged else list(self.values)
+
+    def tune(self):
+        from ray import tune
+
+        return {"uniform": lambda: tune.uniform(self.low, self.high),
+                "loguniform": lambda: tune.loguniform(self.low, self.high),
+                "choice": lambda: tune.choice(self.values),
+                "grid": lambda: tune.grid_search(self.values)}[self.type]()
+
+
+@dataclass
+class Asha:
+    grace_period: int = 1  # reports before a trial may be stopped
+    reduction_factor: int = 2
 
 
 @dataclass
 class SweepSpec:
     base_config: str = "default"  # a training config: packaged name or YAML path
     overrides: list[str] = field(default_factory=list)  # applied to the base config
-    stages: list[str] = field(default_factory=lambda: ["stage1", "stage2.phase1", "stage2.phase2"])
+    stages: list[str] = field(default_factory=list)  # the stages each trial trains ([]: all it can)
     metric: str = "val/top1"  # or any metric the loop reports, e.g. top1_batch
-    mode: str = "max"
+    mode: Literal["max", "min"] = "max"
     validation_per_species: int = 2  # held-out clips and photos per species (0: no validation)
-    searcher: str = "random"
+    searcher: Literal["random", "grid", "optuna"] = "random"
     num_samples: int = 4
     max_concurrent_trials: int = 0  # 0 = from the cluster's CPUs/GPUs
     seed: int = 0
-    asha: dict = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    asha: Asha = field(default_factory=Asha)
     name: str = "biovita-sweep"
-    storage_path: str = "runs/sweeps"
-    params: dict[str, dict] = field(default_factory=dict)
+    storage_path: str = "runs/sweeps"  # made absolute on the driver
+    params: dict[str, Dist] = field(default_factory=dict)
 
 
 def load_space(path: str | os.PathLike, extra_overrides: list[str] = ()) -> tuple[SweepSpec, Config]:
     """Read and validate a search space; every error is raised before any trial starts."""
     raw = yaml.safe_load(resolve_config_path(path, SPACES, DEFAULT_SPACE).read_text()) or {}
-    known = set(SweepSpec.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"sweep.{unknown[0]}: unknown key (valid: {', '.join(sorted(known))})")
-    spec = SweepSpec(**raw)
+    spec = build(SweepSpec, raw, "sweep")
     spec.overrides = list(spec.overrides) + list(extra_overrides)
+    spec.storage_path = absolute(spec.storage_path)
     base = load_config(spec.base_config, spec.overrides)
     flat = base.flat()
+    from biovita.train.stages import sweepable
+
+    spec.stages = spec.stages or sweepable()
     if not spec.params:
         raise ConfigError("sweep.params: the search space is empty")
-    if spec.searcher not in SEARCHERS:
-        raise ConfigError(f"sweep.searcher: must be one of {', '.join(SEARCHERS)}")
-    if spec.mode not in ("max", "min"):
-        raise ConfigError("sweep.mode: must be max or min")
     if spec.num_samples < 1:
         raise ConfigError("sweep.num_samples: must be >= 1")
     if spec.metric.startswith("val/") and spec.validation_per_species < 1:
         raise ConfigError(f"sweep.metric: {spec.metric} needs validation_per_species >= 1")
     for st in spec.stages:
-        if st not in ("stage1", "stage2.phase1", "stage2.phase2"):
-            raise ConfigError(f"sweep.stages: unknown stage {st!r}")
+        if st not in sweepable():
+            raise ConfigError(f"sweep.stages: {st!r} is not a stage a trial trains "
+                              f"(those are: {', '.join(sweepable())})")
     for name, dist in spec.params.items():
         key = f"sweep.params.{name}"
         if name not in flat:
             raise ConfigError(f"{key}: not a config parameter (e.g. stage1.lr, model.init_temperature)")
-        kind = dist.get("type")
-        if kind not in KINDS:
-            raise ConfigError(f"{key}.type: must be one of {', '.join(KINDS)}")
-        if kind in ("uniform", "loguniform"):
-            lo, hi = dist.get("low"), dist.get("high")
-            if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)) or not lo < hi:
-                raise ConfigError(f"{key}: empty range (need low < high, got {lo!r}, {hi!r})")
-            if kind == "loguniform" and lo <= 0:
-                raise ConfigError(f"{key}: loguniform needs low > 0")
-        else:
-            values = dist.get("values")
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"{key}: empty list of values")
-        # each value must also make a valid config
-        for v in _extremes(dist):
+        dist.check(key)
+        for v in dist.extremes():  # each value must also make a valid config
             try:
                 load_config(spec.base_config, spec.overrides + [f"{name}={v}"])
             except ConfigError as e:
@@ -105,29 +135,13 @@ def load_space(path: str | os.PathLike, extra_overrides: list[str] = ()) -> tupl
     return spec, base
 
 
-def _extremes(dist: dict) -> list:
-    return [dist["low"], dist["high"]] if "low" in dist else list(dist["values"])
-
-
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    from ray import tune
-
-    out = {}
-    for name, d in spec.params.items():
-        if d["type"] == "uniform":
-            out[name] = tune.uniform(d["low"], d["high"])
-        elif d["type"] == "loguniform":
-            out[name] = tune.loguniform(d["low"], d["high"])
-        elif d["type"] == "choice":
-            out[name] = tune.choice(d["values"])
-        else:
-            out[name] = tune.grid_search(d["values"])
-    return out
+    return {name: d.tune() for name, d in spec.params.items()}
 
 
 def trial_config(base: Config, params: dict[str, Any], trial_id: str, storage: str) -> Config:
-    from biovita.config import config_from_dict
-
+    """The base config with a trial's parameters (its paths and tracking URI stay the
+    driver's absolute ones)."""
     d = copy.deepcopy(base.to_dict())
     for name, v in params.items():
         node = d
@@ -142,21 +156,21 @@ def trial_config(base: Config, params: dict[str, Any], trial_id: str, storage: s
     return cfg
 
 
-def make_driver_fn(base: Config, spec: SweepSpec, init_model: str, storage: str,
-                   parent_run: str | None):
+def make_driver_fn(base: Config, spec: SweepSpec, init_model: str, parent_run: str | None):
     """The Tune trainable: one trial = the chosen stages (`run_chain`), each a TorchTrainer,
-    all logged into the trial's one MLflow run under the sweep's parent run."""
+    all logged into the trial's one MLflow run under the sweep's parent run (in the store the
+    driver resolved: a trial runs in a directory of its own)."""
 
     def driver_fn(params: dict) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        from biovita.tracking.runs import Tracker
         from biovita.train.chain import run_chain
         from biovita.train.stages import get_stage
-        from biovita.train.tracking import Tracker
 
         trial_id = tune.get_context().get_trial_id()
-        cfg = trial_config(base, params, trial_id, storage)
+        cfg = trial_config(base, params, trial_id, spec.storage_path)
         cfg.mlflow.enabled = parent_run is not None
         tracker = Tracker(cfg.mlflow, f"trial-{trial_id}", {"biovita.trial": trial_id},
                           parent_id=parent_run, per_stage=False)
@@ -183,44 +197,44 @@ def concurrent_trials(cfg: Config) -> int:
     return max(1, int(res.get(key, 1) // need))
 
 
-def _shared_base(base: Config, spec: SweepSpec, storage: str) -> str:
+def _shared_base(base: Config, spec: SweepSpec) -> str:
     """The trial-independent start: the init weights and (embedded run) the stage-0 model;
     the validation set every trial scores (`base.train.validation` is set to it)."""
-    from biovita.train.chain import needs_stage0, run_chain
+    from biovita.bench.validation import build_validation
+    from biovita.data.store import path_exists
+    from biovita.tracking.runs import Tracker
+    from biovita.train.chain import run_chain
     from biovita.train.driver import save_init
     from biovita.train.stages import STAGE0
-    from biovita.train.tracking import Tracker
 
     shared = copy.deepcopy(base)
     shared.train.run_name = f"{spec.name}-shared"
-    shared.train.storage_path = storage
+    shared.train.storage_path = spec.storage_path
     shared.mlflow.enabled = False
     init = save_init(shared)
     if spec.validation_per_species:  # first: stage 0 must not see its photos either
-        from biovita.bench.validation import build_validation
-
-        path = f"{storage}/{spec.name}-shared/validation.npz"
-        if not (Path(path).is_file() if "://" not in path else False):
+        path = f"{spec.storage_path}/{spec.name}-shared/validation.npz"
+        if not path_exists(path):
             build_validation(base.data.root, init, path, spec.validation_per_species, base.train.seed)
         base.train.validation = shared.train.validation = path
         print(f"validation set: {path}", flush=True)
-    if needs_stage0(shared):
-        init = run_chain(shared, Tracker(shared.mlflow, "", {}), [STAGE0], init)["stage0"]
+    if STAGE0.runs(shared):
+        init = run_chain(shared, Tracker(shared.mlflow, "", {}), [STAGE0], init)[STAGE0.name]
     return init
 
 
-def _tuner(spec: SweepSpec, base: Config, trainable, storage: str):
+def _tuner(spec: SweepSpec, base: Config, trainable):
     """A new Tuner, or the interrupted sweep's, restored."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    path = f"{storage}/{spec.name}"
+    path = f"{spec.storage_path}/{spec.name}"
     if tune.Tuner.can_restore(path):
         print(f"resuming the interrupted sweep at {path}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10_000,
-                              grace_period=spec.asha.get("grace_period", 1),
-                              reduction_factor=spec.asha.get("reduction_factor", 2))
+                              grace_period=spec.asha.grace_period,
+                              reduction_factor=spec.asha.reduction_factor)
     search_alg = None
     if spec.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -233,7 +247,7 @@ def _tuner(spec: SweepSpec, base: Config, trainable, storage: str):
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
             max_concurrent_trials=spec.max_concurrent_trials or concurrent_trials(base),
             scheduler=scheduler, search_alg=search_alg),
-        run_config=tune.RunConfig(name=spec.name, storage_path=storage,
+        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
 
@@ -242,15 +256,14 @@ def run_sweep(spec: SweepSpec, base: Config) -> dict:
     from ray import tune
 
     from biovita.runtime import configure_output, init_ray
+    from biovita.tracking.runs import Tracker
     from biovita.train.chain import ensure_data
-    from biovita.train.tracking import Tracker
 
     t0 = time.time()
     ensure_data(base)
     init_ray(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=int(1e9))
     configure_output()
-    storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
-    init = _shared_base(base, spec, storage)
+    init = _shared_base(base, spec)
     parent = Tracker(base.mlflow, spec.name, {"biovita.sweep": spec.name}).parent
     if parent:
         parent.params({"sweep.searcher": spec.searcher, "sweep.num_samples": spec.num_samples,
@@ -259,8 +272,8 @@ def run_sweep(spec: SweepSpec, base: Config) -> dict:
     # the trial driver only waits on its TorchTrainer: it must not hold a CPU that the
     # training workers or the decode tasks need (with 4 CPUs and 2 trials it deadlocks)
     trainable = tune.with_resources(
-        make_driver_fn(base, spec, init, storage, parent.run_id if parent else None), {"CPU": 0.01})
-    results = _tuner(spec, base, trainable, storage).fit()
+        make_driver_fn(base, spec, init, parent.run_id if parent else None), {"CPU": 0.01})
+    results = _tuner(spec, base, trainable).fit()
     rows = [{"trial": Path(r.path).name if r.path else "?", **r.config,
              spec.metric: (r.metrics or {}).get(spec.metric),
              "iterations": (r.metrics or {}).get("training_iteration"), "error": bool(r.error)}
@@ -268,12 +281,13 @@ def run_sweep(spec: SweepSpec, base: Config) -> dict:
     good = sorted((r for r in rows if r[spec.metric] is not None), key=lambda r: r[spec.metric],
                   reverse=spec.mode == "max")
     if not good:
-        raise RuntimeError(f"no trial reported the metric; see the trial logs under {storage}/{spec.name}")
-    best_cfg = trial_config(base, {k: good[0][k] for k in spec.params}, "best", storage)
+        raise RuntimeError(f"no trial reported the metric; see the trial logs under "
+                           f"{spec.storage_path}/{spec.name}")
+    best_cfg = trial_config(base, {k: good[0][k] for k in spec.params}, "best", spec.storage_path)
     best_cfg.train.run_name = f"{spec.name}-best"
     best_cfg.train.storage_path = base.train.storage_path
     best_cfg.train.validation = ""  # the final run trains on every training medium
-    out_dir = Path(storage if "://" not in storage else "results") / spec.name
+    out_dir = Path(spec.storage_path if not is_remote(spec.storage_path) else "results") / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
     best_yaml = out_dir / "best_config.yaml"
     save_config(best_cfg, best_yaml)
@@ -315,7 +329,7 @@ def plot_trials(rows: list[dict], spec: SweepSpec, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(names), 4))
     if ok:
         vals = np.array([[float(r[n]) for n in names] for r in ok])
-        logs = [spec.params[n]["type"] == "loguniform" for n in names]
+        logs = [spec.params[n].type == "loguniform" for n in names]
         vals = np.where(logs, np.log10(np.clip(vals, 1e-12, None)), vals)
         lo, hi = vals.min(0), vals.max(0)
         norm = (vals - lo) / np.where(hi > lo, hi - lo, 1)
@@ -326,7 +340,7 @@ def plot_trials(rows: list[dict], spec: SweepSpec, path: Path) -> Path:
             ax.plot(range(len(names)), row, color=cmap((m - metric.min()) / span), lw=2, alpha=0.8)
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(metric.min(), metric.min() + span))
         fig.colorbar(sm, ax=ax, label=spec.metric)
-    ax.set_xticks(range(len(names)), [n + (" (log)" if spec.params[n]["type"] == "loguniform" else "")
+    ax.set_xticks(range(len(names)), [n + (" (log)" if spec.params[n].type == "loguniform" else "")
                                       for n in names], rotation=20, fontsize=8)
     ax.set_yticks([])
     ax.set_title(f"{spec.name}: {len(ok)} trials")

@@ -16,20 +16,11 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from biovita.locations import absolute, tracking_uri
+
 TAG_RUN_NAME = "biovita.run_name"
 TAG_STAGE = "biovita.stage"
 PARENT_TAG = "mlflow.parentRunId"
-
-
-def resolve_tracking_uri(uri: str = "") -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
-        uri = f"sqlite:///{Path(rel).resolve()}"  # workers run elsewhere: make it absolute
-    return uri
 
 
 # MLflow 3 opens an experiment on the GenAI traces overview unless it is marked as model training
@@ -157,7 +148,7 @@ class RunLogger:
 
         import warnings
 
-        uri = store if "://" in str(store) else str(Path(store).resolve())
+        uri = absolute(store)
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is a folder
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(uri)
@@ -190,7 +181,7 @@ class Tracker:
     def __init__(self, mlflow_cfg, name: str, tags: dict[str, str], parent_id: str | None = None,
                  per_stage: bool = True):
         self.enabled = mlflow_cfg.enabled
-        self.uri = resolve_tracking_uri(mlflow_cfg.tracking_uri)
+        self.uri = tracking_uri(mlflow_cfg.tracking_uri)
         self.per_stage = per_stage
         self.parent: RunLogger | None = None
         self.store: tuple[str, str] | None = None  # (store, digest) each run records as its input
@@ -230,5 +221,5 @@ class Tracker:
             self.parent.end(status)
 
 
-__all__ = ["RunLogger", "RunStatus", "Tracker", "resolve_tracking_uri", "experiment_id",
+__all__ = ["RunLogger", "RunStatus", "Tracker", "experiment_id",
            "find_or_create_run", "git_commit", "TAG_RUN_NAME", "TAG_STAGE"]
