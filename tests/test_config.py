@@ -72,6 +72,6 @@ def test_bad_config_fails_before_ray_starts():
     r = subprocess.run([sys.executable, str(ROOT / "ray_jobs" / "train.py"), "stage1.batch_size=-1"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2
-    assert "stage1.batch_size: must be > 0" in r.stderr
+    assert "stage1.batch_size: must be >= 2" in r.stderr
     assert "Ray" not in r.stdout + r.stderr.replace("stage1", "")
     assert "Started a local Ray instance" not in r.stdout + r.stderr

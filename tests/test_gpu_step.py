@@ -14,15 +14,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_step_script_runs_on_cpu(tmp_path):
     out = tmp_path / "report.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--model", "tiny",
-                        "--batches", "4,2", "--steps", "2", "--json", str(out)],
+                        "--batches", "4,2", "--large", "0", "--steps", "2", "--json", str(out)],
                        capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert rep["device"] == "cpu"
-    s1, p2 = rep["steps"]
-    assert (s1["stage"], s1["batch"], p2["stage"], p2["batch"]) == ("stage1", 4, "stage2.phase2", 2)
-    for row in (s1, p2):
+    got = [(r["loop"], r["stage"], r["batch"]) for r in rep["rows"]]
+    assert got == [(loop, stage, batch) for stage, batch in (("stage1", 4), ("stage2.phase2", 2))
+                   for loop in ("biovita", "bare eager", "bare compiled")]
+    for row in rep["rows"]:
         assert row["step_s"] > 0 and row["flops_per_step"] > 0 and row["mfu"] is None
+        assert row["aten_ops_per_step"] > 0 and row["kernels_per_step"] is None  # (no GPU)
+    # biovita runs no frozen tower in its steps: fewer FLOPs than the bare loops' in phase 2
+    flops = {(r["loop"], r["stage"]): r["flops_per_step"] for r in rep["rows"]}
+    assert flops[("biovita", "stage2.phase2")] < flops[("bare eager", "stage2.phase2")]
     assert rep["front_end"]["max_abs_db_difference"] < 1e-2
     prec = rep["precision"]
     assert len(prec["bf16"]["atc"]) == len(prec["fp32"]["atc"]) == 3

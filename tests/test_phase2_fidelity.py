@@ -20,14 +20,27 @@ TEXTS = ["Aves Passeriformes Paridae Parus major", "Hyla arborea", "common frog"
          "Rana temporaria with common name common frog", "Gryllus campestris"]
 
 
-def _batch(rank: int, i: int, stage: str, dim: int) -> dict:
+def _batch(rank: int, i: int, stage: str, dim: int, model=None) -> dict:
+    """In-memory batches as the stream gives them: float16 waveforms, prompts (or, where the
+    stage's text tower is frozen, their embeddings by `model`'s text tower) and image
+    embeddings."""
     g = torch.Generator().manual_seed(1000 * rank + i)
-    out = {"mel": torch.randn(B, 1, 1001, 64, generator=g),
-           "text": [TEXTS[(rank + i + k) % len(TEXTS)] + f" {k}" for k in range(B)],
-           "epoch": torch.zeros(B, dtype=torch.long)}
+    # noise at 0.25 gives log-mels near 0 dB (std 3): float32 rounding in HTS-AT's input
+    # BatchNorm then stays small (at -12 dB it reached 5e-5 of a gradient's scale)
+    out = {"wave": (0.25 * torch.randn(B, 480_000, generator=g)).half(),
+           "text": [TEXTS[(rank + i + k) % len(TEXTS)] + f" {k}" for k in range(B)], "epoch": 0}
     if stage.startswith("stage2"):
         out["image_emb"] = torch.nn.functional.normalize(torch.randn(B, dim, generator=g), dim=-1)
+    if model is not None:
+        with torch.no_grad():
+            out["text_emb"] = model.encode_text(model.tokenizer()(out["text"]))
     return out
+
+
+def _mel(model, wave):
+    from biovita.frontends.audio import LogMel
+
+    return LogMel(model.audio_front_end)(wave)
 
 
 def _job(init: str, out: Path, stage: str, overrides: list[str]):
@@ -36,7 +49,7 @@ def _job(init: str, out: Path, stage: str, overrides: list[str]):
 
     cfg = load_config(None, ["data.synth_if_missing=true", f"train.num_workers={WORLD}",
                              "train.zero_stage=2", "train.log_every=1000", *overrides])
-    return StageJob(config=cfg.to_dict(), stage=stage, steps_per_epoch=100, init_checkpoint=init,
+    return StageJob(config=cfg, stage=stage, steps_per_epoch=100, init_checkpoint=init,
                     export_to=str(out / "model"))
 
 
@@ -119,8 +132,11 @@ def _accum_worker(rank, port, init, out, q):
     from biovita.train.loop import LocalIO, StageRun
 
     _setup(rank, port)
+    from biovita.models.checkpoint import load_model
+
     job = _job(init, out, "stage1", ["stage1.max_steps=1", "stage1.batch_size=4", "train.accum_freq=2"])
-    run = StageRun(job, LocalIO([_batch(rank, i, job.stage, 64) for i in range(2)], out))
+    frozen = load_model(init)  # the text tower's embeddings, as the frozen-tower cache holds them
+    run = StageRun(job, LocalIO([_batch(rank, i, job.stage, 64, frozen) for i in range(2)], out))
     grads, step = {}, run.eng.step
 
     def step_and_record():
@@ -207,7 +223,7 @@ def test_phase2_unfreezes_as_released_with_baseline_measured_first(tiny_init, tm
     with torch.no_grad():
         for i in range(3):
             batches = [_batch(r, i, "stage2.phase2", 64) for r in range(WORLD)]
-            a = model.encode_audio(torch.cat([b["mel"] for b in batches]))
+            a = model.encode_audio(_mel(model, torch.cat([b["wave"] for b in batches])))
             t = model.encode_text(model.tokenizer()([x for b in batches for x in b["text"]]))
             values.append(float(losses.contrastive_loss(a, t, model.logit_scale.exp())))
     assert res[0]["baseline"] == res[1]["baseline"]
@@ -224,8 +240,9 @@ def test_logit_scale_clamped_in_the_stored_value(tiny_init, tmp_path):
 
 def test_accumulation_equals_the_global_batch_reference(tiny_init, tmp_path):
     """train.accum_freq=2 on 2 workers: loss and every gradient == one process holding the
-    global batch of 2 x 2 x 4 (within 1e-5; unit-scale inputs, so that float32 rounding in
-    HTS-AT's input BatchNorm stays below that: on -40 dB-scale inputs it reaches ~1e-4). HTS-AT normalises its input with BatchNorm, whose
+    global batch of 2 x 2 x 4 (the loss within 1e-5, each gradient within 3e-5 of its scale:
+    float32 sums over log-mels of std 3 in another order, measured up to 1.3e-5; a wrong
+    accumulation is off by its whole size). HTS-AT normalises its input with BatchNorm, whose
     training-mode statistics are those of each worker's micro-batch (as on the authors' GPUs):
     the reference encodes the audio micro-batch by micro-batch too."""
     from biovita.config import Stage2Config, StageConfig
@@ -238,7 +255,7 @@ def test_accumulation_equals_the_global_batch_reference(tiny_init, tmp_path):
     model.train()
     freeze.param_groups(model, STAGE1, StageConfig(), Stage2Config())
     batches = [_batch(r, i, "stage1", 64) for r in range(WORLD) for i in range(2)]
-    a = torch.cat([model.encode_audio(b["mel"]) for b in batches])
+    a = torch.cat([model.encode_audio(_mel(model, b["wave"])) for b in batches])
     t = model.encode_text(model.tokenizer()([x for b in batches for x in b["text"]]))
     loss = losses.contrastive_loss(a, t, model.logit_scale.exp())
     loss.backward()
@@ -246,7 +263,7 @@ def test_accumulation_equals_the_global_batch_reference(tiny_init, tmp_path):
         assert r["loss"] == pytest.approx(loss.item(), abs=1e-5)
         for name, p in model.named_parameters():
             if p.requires_grad:
-                # float32 sums in another order: within 1e-5 of the gradient's scale
+                # float32 sums in another order: within 3e-5 of the gradient's scale
                 err = (torch.from_numpy(r["grads"][name]) - p.grad).abs().max().item()
-                assert err <= 1e-5 * max(1.0, p.grad.abs().max().item()), (name, err)
+                assert err <= 3e-5 * max(1.0, p.grad.abs().max().item()), (name, err)
     assert math.isfinite(loss.item())

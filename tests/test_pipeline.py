@@ -3,6 +3,7 @@
 import time
 
 import numpy as np
+import torch
 
 from biovita.data import sampling
 from biovita.data.datasets import TorchCollate, audio_dataset, image_dataset, stream_dataset
@@ -49,8 +50,9 @@ def test_audio_pipeline_applies_plan_and_counts_bad_media(ray_local, synth_store
     ds = stream_dataset(str(root), "audio", spec, {0: plan}, batch_size=16, seed=0)
     n, texts, species = 0, [], []
     for b in ds.iter_torch_batches(batch_size=16, collate_fn=TorchCollate()):
-        assert b["mel"].shape[1:] == (1, 1001, 64)
-        assert b["mel"].isfinite().all()
+        # 10 s crops shipped as float16 waveforms (the log-mel is the consumer's, on its device)
+        assert b["wave"].shape[1:] == (480_000,) and b["wave"].dtype == torch.float16
+        assert b["wave"].isfinite().all() and b["wave"].abs().amax(1).min() > 0  # no silence
         n += len(b["id"])
         texts += b["text"]
         species += b["species_id"].tolist()
@@ -93,8 +95,8 @@ def test_epoch_stream_is_each_epoch_in_turn_and_deterministic(ray_local, synth_s
         out = {}
         ds = stream_dataset(str(root), "audio", spec, dict(enumerate(plans)), batch_size=8, seed=0)
         for b in ds.iter_batches(batch_size=64):
-            for k, e, m, t in zip(b["id"], b["epoch"], b["mel"], b["text"]):
-                out[(int(e), k)] = (float(m.sum()), t)
+            for k, e, w, t in zip(b["id"], b["epoch"], b["wave"], b["text"]):
+                out[(int(e), k)] = (float(w.astype(np.float64).sum()), t)
         return out
 
     both, e0, e1 = run([plan, plan]), run([plan]), run([plan], offset=1)

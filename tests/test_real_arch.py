@@ -10,7 +10,7 @@ def test_real_architecture_trains_a_step_of_stage1_and_of_phase2(ray_local, tmp_
     from biovita.config import load_config
     from biovita.data.synth import make_synthetic
     from biovita.models.checkpoint import read_meta
-    from biovita.train.driver import image_embeddings, run_stage, save_init
+    from biovita.train.driver import run_stage, save_init
     from biovita.train.stages import PHASE2, STAGE1
     from biovita.tracking.runs import Tracker
 
@@ -27,7 +27,7 @@ def test_real_architecture_trains_a_step_of_stage1_and_of_phase2(ray_local, tmp_
     init = save_init(cfg)
     stage1 = run_stage(cfg, STAGE1, init, tracker)
     assert read_meta(stage1)["metadata"]["step"] == 1
-    phase2 = run_stage(cfg, PHASE2, stage1, tracker, image_embeddings(cfg, stage1))
+    phase2 = run_stage(cfg, PHASE2, stage1, tracker)  # the image tower's embeddings: made once, before
     meta = read_meta(phase2)
     assert meta["metadata"]["step"] == 1 and meta["arch"]["clip_config"]["embed_dim"] == 768
     assert meta["metadata"]["baseline_atc"] > 0

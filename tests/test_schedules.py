@@ -23,12 +23,12 @@ def test_ramps_follow_method():
 
 def test_gate_closes_above_103_and_reopens_after_20_calm_steps():
     g = schedules.ATCGate(baseline=1.0)
-    assert g.ema == 1.0  # the EMA starts at the baseline
-    assert g.update(1.0) and g.ema == 1.0
-    # EMA (alpha 0.2) crosses 1.03 only after a few high steps
-    opens = [g.update(1.2) for _ in range(3)]
-    assert g.ema == pytest.approx(1.0 * 0.8 ** 3 + 1.2 * (1 - 0.8 ** 3))
-    assert opens[-1] is False
+    assert float(g.ema) == 1.0  # the EMA starts at the baseline
+    assert g.update(torch.tensor(1.0)) and float(g.ema) == 1.0
+    # EMA (alpha 0.2) crosses 1.03 after the first high step (1.04) and stays above
+    opens = [bool(g.update(torch.tensor(1.2))) for _ in range(3)]
+    assert float(g.ema) == pytest.approx(1.0 * 0.8 ** 3 + 1.2 * (1 - 0.8 ** 3))
+    assert opens == [False, False, False]
     # back to baseline: EMA decays to <= 1.015, then 20 consecutive calm steps
     steps = 0
     while not g.update(1.0):
@@ -41,9 +41,31 @@ def test_gate_closes_above_103_and_reopens_after_20_calm_steps():
     for _ in range(15):
         g2.update(0.5)
     g2.update(3.0)
-    assert not g2.open and g2.calm_steps == 0
+    assert not g2.open and int(g2.calm_steps) == 0
     state = g.state_dict()
-    assert schedules.ATCGate.from_state(state) == g
+    assert schedules.ATCGate.from_state(state).state_dict() == state
+
+
+def test_gate_on_the_device_decides_as_the_host_rules_say():
+    """The tensor gate against the rules written out on the host, over random ATC paths."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        base, patience = float(rng.uniform(0.5, 3)), int(rng.integers(1, 25))
+        g = schedules.ATCGate(baseline=base, patience=patience)
+        ema, is_open, calm = base, True, 0
+        for x in base * (1 + rng.normal(0, 0.05, 200)).cumsum() / np.arange(1, 201):
+            ema = 0.2 * x + 0.8 * ema
+            if is_open:
+                if ema > 1.03 * base:
+                    is_open, calm = False, 0
+            else:
+                calm = calm + 1 if ema <= 1.015 * base else 0
+                if calm >= patience:
+                    is_open, calm = True, 0
+            assert bool(g.update(torch.tensor(float(x), dtype=torch.float64))) == is_open
+            assert int(g.calm_steps) == calm and float(g.ema) == pytest.approx(ema, abs=1e-12)
 
 
 def test_guard_term():

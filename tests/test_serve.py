@@ -71,7 +71,8 @@ def test_routes_answer_and_gallery_is_cached(served, synth_store):
     with urllib.request.urlopen(url + item["media"].lstrip("/")) as r:
         assert r.headers["Content-Type"].startswith("image/") and len(r.read()) > 100
     root, _ = synth_store
-    assert list((Path(root) / "_gallery").glob("*.parquet"))  # computed once, beside the store
+    cached = {p.name.split("-")[0] for p in (Path(root) / "_embeddings").glob("*.parquet")}
+    assert {"audio", "image"} <= cached  # computed once, beside the store
     with urllib.request.urlopen(url + "health") as r:
         g = json.loads(r.read())["gallery"]
     n_audio = len(read_table(root, "audio", ["id"]))
