@@ -25,9 +25,6 @@ def test_gpu_step_script_runs_on_cpu(tmp_path):
     for row in rep["rows"]:
         assert row["step_s"] > 0 and row["flops_per_step"] > 0 and row["mfu"] is None
         assert row["aten_ops_per_step"] > 0 and row["kernels_per_step"] is None  # (no GPU)
-    # biovita runs no frozen tower in its steps: fewer FLOPs than the bare loops' in phase 2
-    flops = {(r["loop"], r["stage"]): r["flops_per_step"] for r in rep["rows"]}
-    assert flops[("biovita", "stage2.phase2")] < flops[("bare eager", "stage2.phase2")]
     assert rep["front_end"]["max_abs_db_difference"] < 1e-2
     prec = rep["precision"]
     assert len(prec["bf16"]["atc"]) == len(prec["fp32"]["atc"]) == 3
