@@ -6,7 +6,7 @@ import pyarrow as pa
 import soundfile as sf
 
 from biovita.data.schema import META_COLUMNS, TRAIT_COLUMNS, check_schema
-from biovita.data.store import read_schema, read_table, table_files, write_table
+from biovita.data.store import read_table, shards, table_files, write_table
 from biovita.data.synth import CORRUPT_IMAGE, make_synthetic, make_taxonomy
 
 
@@ -37,7 +37,7 @@ def test_store_contents(synth_store):
     assert {r["format"] for r in images} >= {"jpeg", "png", "webp"}
     assert all(set(TRAIT_COLUMNS) <= t.keys() for t in taxa)
     for table in ("audio", "image", "taxa"):
-        assert check_schema(table, read_schema(root, table)) == []
+        assert all(check_schema(table, s.schema) == [] for s in shards(root, table))
     assert manifest["corrupt"]["audio"] == {"undecodable": 2, "html_page": 1, "empty_file": 1, "non_finite": 1}
     assert sum(manifest["corrupt"]["image"].values()) == len(CORRUPT_IMAGE)
 

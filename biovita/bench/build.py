@@ -11,13 +11,18 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from biovita.data.store import filesystem, read_table, table_files, table_uri
+from biovita.data.store import filesystem, read_table, shards, table_uri
+from biovita.data.validate import check_store
 from biovita.taxonomy import LEVELS
 
 TASKS = {
@@ -35,28 +40,27 @@ def _split_species(root: str, split: str) -> set[int]:
     return {int(s) for s, seen in zip(taxa["species_id"], taxa["seen"]) if bool(seen) == want}
 
 
-def _export_media(root: str, table: str, ids: set[str], out: Path) -> dict[str, str]:
-    """Copy the media bytes of `ids` to out/media/<table>/ (streamed shard by shard)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
+def _export_media(root: str, table: str, ids: set[str], out: Path) -> dict[str, tuple[str, str]]:
+    """Copy the media bytes of `ids` to out/media/<table>/ (streamed shard by shard); returns
+    id -> (path relative to `out`, SHA-256 of the bytes)."""
     fs, _ = filesystem(table_uri(root, table))
     folder = out / "media" / table
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for f in table_files(root, table):
-        t = pq.read_table(f, columns=["id", "bytes", "format"], filesystem=fs)
-        t = t.filter(pc.is_in(t["id"], value_set=__import__("pyarrow").array(sorted(ids))))
+    for shard in shards(root, table):
+        t = pq.read_table(shard.path, columns=["id", "bytes", "format"], filesystem=fs)
+        t = t.filter(pc.is_in(t["id"], value_set=pa.array(sorted(ids))))
         for rid, data, fmt in zip(t["id"].to_pylist(), t["bytes"].to_pylist(), t["format"].to_pylist()):
             rel = f"media/{table}/{rid}.{fmt}"
             (out / rel).write_bytes(data)
-            paths[rid] = rel
+            paths[rid] = (rel, hashlib.sha256(data).hexdigest())
     return paths
 
 
 def build_benchmark(root: str, out: str | Path, candidates: int = 100, split: str = "seen",
                     seed: int = 0) -> dict:
     """Write the benchmark; returns {level: {task: n_queries}}."""
+    check_store(root).require(["audio", "image", "taxa"], "a benchmark")
     out = Path(out)
     species_ok = _split_species(root, split)
     cols = ["id", "species_id", "split", "class", "family", "genus", "scientific_name", "common_name"]
@@ -75,11 +79,13 @@ def build_benchmark(root: str, out: str | Path, candidates: int = 100, split: st
                       "scientific_name": t["species"]} for t in text_rows]
 
     (out / "ids").mkdir(parents=True, exist_ok=True)
+    media: dict[str, dict[str, str]] = {}  # table -> id -> SHA-256 of the exported bytes
     for table in ("audio", "image"):
         paths = _export_media(root, table, {r["id"] for r in items[table]}, out)
         items[table] = [r for r in items[table] if r["id"] in paths]
         _write_csv(out / "ids" / f"{table}_index.csv", ["id", "file_path"],
-                   [{"id": r["id"], "file_path": paths[r["id"]]} for r in items[table]])
+                   [{"id": r["id"], "file_path": paths[r["id"]][0]} for r in items[table]])
+        media[table] = {i: sha for i, (_, sha) in paths.items()}
     _write_csv(out / "ids" / "text_index.csv",
                ["id", "species", "genus", "family", "common_name", "class"], text_rows)
 
@@ -125,8 +131,11 @@ def build_benchmark(root: str, out: str | Path, candidates: int = 100, split: st
                        ["task", "taxon_level", "query_payload_id", "correct_taxon",
                         "candidates_taxa", "candidates_target_ids", "taxon_class"], rows)
             summary[level][code] = len(rows)
-    (out / "bench.json").write_text(json.dumps({"split": split, "candidates": candidates, "store": str(root),
-                                                "seed": seed, "queries": summary}, indent=1))
+    # the store and what was exported from it: `bench run` takes an unchanged file's
+    # embedding from the store's frozen-tower cache
+    (out / "bench.json").write_text(json.dumps({"split": split, "candidates": candidates,
+                                                "seed": seed, "queries": summary, "store": str(root),
+                                                "media_sha256": media}, indent=1))
     return summary
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -34,27 +35,35 @@ def _index(bench: Path, modality: str) -> list[dict]:
     return rows
 
 
-def _store_of(bench: Path) -> str | None:
-    """The store a benchmark was built from (`biovita bench build` records it), if it is
-    still there: its media's embeddings then come from the store's cache."""
+def _built_from(bench: Path) -> tuple[str | None, dict[str, dict[str, str]]]:
+    """The store a benchmark was built from, if it is still there, and the SHA-256 of each
+    medium exported from it (`biovita bench build` records both)."""
     try:
-        store = json.loads((bench / "bench.json").read_text()).get("store")
+        meta = json.loads((bench / "bench.json").read_text())
     except (OSError, ValueError):
-        return None
-    return store if store and exists(store) else None
+        return None, {}
+    store = meta.get("store")
+    return (store if store and exists(store) else None), meta.get("media_sha256", {})
+
+
+def _unchanged(bench: Path, row: dict, sha: str | None) -> bool:
+    """Whether a benchmark file is still the medium exported from the store."""
+    path = bench / row["file_path"]
+    return bool(sha) and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha
 
 
 def extract_features(bench: str | Path, checkpoint: str, feats: str | Path, use_gpu: bool = False,
                      actors: int = 1, stats_name: str | None = None) -> dict[str, int]:
     """Write FEATS/{audio,image}/<id>.pt and FEATS/text/<id>.pt ({level: vector}).
 
-    A benchmark built from a store takes its media's embeddings from the store's frozen-tower
-    cache (its test split: the images the training stages embedded, shared by every stage
-    whose image tower is the same, and by the gallery); another benchmark's files are
-    embedded on Ray Data. Resumable: ids that already have a feature file are skipped.
-    Returns the number written per modality."""
+    A benchmark file that is still the medium its store holds takes its embedding from the
+    store's frozen-tower cache (its test split: the images the training stages embedded,
+    shared by every stage with the same image tower, and by the gallery); any other file (a
+    release benchmark's, or one changed or missing since the build) is embedded from the file
+    on Ray Data. Resumable: ids that already have a feature file are skipped. Returns the
+    number written per modality."""
     bench, feats = Path(bench), Path(feats)
-    store = _store_of(bench)
+    store, media = _built_from(bench)
     written = {}
     for modality in ("audio", "image"):
         out = feats / modality
@@ -63,16 +72,21 @@ def extract_features(bench: str | Path, checkpoint: str, feats: str | Path, use_
         written[modality] = 0
         if not todo:
             continue
-        if store:
+        shas = media.get(modality, {})
+        same = [r for r in todo if store and _unchanged(bench, r, shas.get(r["id"]))]
+        parts = []
+        if same:
             cached = store_embeddings(store, checkpoint, modality, "test", use_gpu=use_gpu,
                                       stats_name=stats_name)
-            index = cached.index
-            parts = [(r["id"], cached.vectors[index[r["id"]]]) for r in todo if r["id"] in index]
-        else:
-            parts = [(i, v) for b in embed_files(todo, checkpoint, modality, base=str(bench),
-                                                 use_gpu=use_gpu, actors=actors, stats_name=stats_name
-                                                 ).iter_batches(batch_size=256, batch_format="numpy")
-                     for i, v in zip(b["id"], b["embedding"])]
+            parts = [(r["id"], cached.vectors[cached.index[r["id"]]]) for r in same
+                     if r["id"] in cached.index]
+        done = {i for i, _ in parts}  # (a medium the cache lacks did not decode: say why below)
+        rest = [r for r in todo if r["id"] not in done]
+        if rest:
+            parts += [(i, v) for b in embed_files(rest, checkpoint, modality, base=str(bench),
+                                                  use_gpu=use_gpu, actors=actors, stats_name=stats_name
+                                                  ).iter_batches(batch_size=256, batch_format="numpy")
+                      for i, v in zip(b["id"], b["embedding"])]
         for i, v in parts:
             torch.save(torch.from_numpy(np.array(v, np.float32)), out / f"{i}.pt")
             written[modality] += 1

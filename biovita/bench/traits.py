@@ -18,6 +18,7 @@ import numpy as np
 
 from biovita.data.schema import TRAIT_GROUPS
 from biovita.data.store import read_table
+from biovita.data.validate import check_store
 from biovita.embed.cache import gallery_embeddings
 
 
@@ -112,6 +113,7 @@ def probe(emb: np.ndarray, species: np.ndarray, taxa: dict[str, list], groups=No
 def probe_checkpoint(checkpoint: str, store: str, **kw) -> list[ProbeResult]:
     """Embed the store with the checkpoint (once: the gallery's cache beside it) and probe
     both modalities."""
+    check_store(store).require(["audio", "image", "taxa"], "the trait probe")
     taxa = read_table(store, "taxa").to_pydict()
     results = []
     for modality, v in gallery_embeddings(store, checkpoint).items():

@@ -49,6 +49,12 @@ class AudioDecodeSpec:
     stats_name: str | None = STATS_ACTOR  # where dropped media are counted (None: nowhere)
 
 
+def _bytes(value) -> bytes | None:
+    """A row's encoded media, or None where there is none (a missing file): Ray Data turns a
+    column whose every value is None into floats (NaN)."""
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+
+
 def _uses(batch: dict[str, np.ndarray]) -> list[int]:
     """The use number of each row: a training stream repeats a row once per use (`_use`),
     and each use gets its own crop and prompt."""
@@ -82,7 +88,7 @@ def decode_audio_batch(batch: dict[str, np.ndarray], spec: AudioDecodeSpec,
         media_id = str(batch["id"][i])
         rng = np.random.default_rng([spec.seed, spec.epoch, stable_hash(media_id), uses[i]])
         try:
-            waves.append(load_clip(batch["bytes"][i], fe, spec.mode, rng))
+            waves.append(load_clip(_bytes(batch["bytes"][i]), fe, spec.mode, rng))
         except MediaError as e:
             bad.append((media_id, e.reason))
             continue
@@ -122,7 +128,7 @@ def decode_image_batch(batch: dict[str, np.ndarray], spec: ImageDecodeSpec) -> D
         media_id = str(batch["id"][i])
         try:
             if media_id not in done:  # eval preprocessing: every use of an image is the same
-                done[media_id] = load_image(batch["bytes"][i], fe, spec.max_pixels, spec.reduced)
+                done[media_id] = load_image(_bytes(batch["bytes"][i]), fe, spec.max_pixels, spec.reduced)
         except MediaError as e:
             bad.append((media_id, e.reason))
             continue

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from biovita.data.store import filesystem, table_files, table_uri
+from biovita.data.store import filesystem, shards, table_uri
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,13 @@ def row_groups(root: str, table: str) -> list[RowGroup]:
     """Every row group of a table, with its ids and splits (read on the driver, no media)."""
     fs, _ = filesystem(table_uri(root, table))
     out = []
-    for path in table_files(root, table):
-        f = pq.ParquetFile(path, filesystem=fs)
+    for shard in shards(root, table):  # (an unreadable shard is skipped and counted)
+        f = pq.ParquetFile(shard.path, filesystem=fs)
         for k in range(f.num_row_groups):
             t = f.read_row_group(k, columns=["id", "split"])
-            out.append(RowGroup(path, k, tuple(map(str, t.column("id").to_pylist())),
+            out.append(RowGroup(shard.path, k, tuple(map(str, t.column("id").to_pylist())),
                                 tuple(map(str, t.column("split").to_pylist())),
-                                f.metadata.row_group(k).total_byte_size))
+                                shard.metadata.row_group(k).total_byte_size))
     return out
 
 

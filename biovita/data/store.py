@@ -7,6 +7,7 @@ pyarrow's filesystems resolve them (credentials from the usual environment varia
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -51,6 +52,50 @@ def table_files(root: str | os.PathLike, table: str) -> list[str]:
 
 def exists(root: str | os.PathLike) -> bool:
     return all(table_files(root, t) for t in SCHEMAS)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A readable Parquet shard of a table: its path and its footer (row groups, sizes)."""
+
+    path: str
+    metadata: pq.FileMetaData
+    schema: pa.Schema
+
+
+# A shard whose footer does not read (cut short by a failed upload, not Parquet): the readers
+# below skip it and note it here, path -> reason, for the job to count and report.
+UNREADABLE: dict[str, str] = {}
+_SHARDS: dict[tuple, Shard | str] = {}
+
+
+def shards(root: str | os.PathLike, table: str) -> list[Shard]:
+    """The readable shards of a table (footers read once per process and file version);
+    an unreadable one is skipped and recorded in `UNREADABLE`."""
+    fs, base = filesystem(table_uri(root, table))
+    info = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    out = []
+    for i in sorted((i for i in info if i.type == pafs.FileType.File and i.path.endswith(".parquet")),
+                    key=lambda i: i.path):
+        key = (i.path, i.size, i.mtime_ns)
+        if key not in _SHARDS:
+            try:
+                f = pq.ParquetFile(i.path, filesystem=fs)
+                _SHARDS[key] = Shard(i.path, f.metadata, f.schema_arrow)
+            except (OSError, pa.ArrowException) as e:  # (ArrowInvalid: no magic bytes, bad thrift)
+                _SHARDS[key] = f"truncated or not Parquet ({str(e).splitlines()[0][:160]})"
+        got = _SHARDS[key]
+        if isinstance(got, str):
+            UNREADABLE[i.path] = got
+        else:
+            out.append(got)
+    return out
+
+
+def unreadable_shards(root: str | os.PathLike) -> dict[str, str]:
+    """The shards of a store skipped so far in this process, path -> reason."""
+    base = filesystem(str(root))[1].rstrip("/") + "/"
+    return {p: r for p, r in UNREADABLE.items() if p.startswith(base)}
 
 
 # A row group is what a decode task reads to get at one of its rows: at most this many rows
@@ -141,21 +186,14 @@ def write_table(
 def read_table(
     root: str | os.PathLike, table: str, columns: Iterable[str] | None = None
 ) -> pa.Table:
-    """Read a whole table (on the driver: pass `columns` to leave the media bytes behind)."""
+    """Read a whole table (on the driver: pass `columns` to leave the media bytes behind);
+    unreadable shards are skipped (`shards`)."""
     fs, _ = filesystem(table_uri(root, table))
-    files = table_files(root, table)
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {table_uri(root, table)}")
+    found = shards(root, table)
+    if not found:
+        raise FileNotFoundError(f"no readable Parquet files under {table_uri(root, table)}")
     cols = list(columns) if columns is not None else None
-    return pa.concat_tables(pq.read_table(f, columns=cols, filesystem=fs) for f in files)
-
-
-def read_schema(root: str | os.PathLike, table: str) -> pa.Schema:
-    fs, _ = filesystem(table_uri(root, table))
-    files = table_files(root, table)
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {table_uri(root, table)}")
-    return pq.read_schema(files[0], filesystem=fs)
+    return pa.concat_tables(pq.read_table(s.path, columns=cols, filesystem=fs) for s in found)
 
 
 def upload_dir(local: str | os.PathLike, uri: str | os.PathLike) -> None:

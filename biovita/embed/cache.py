@@ -25,6 +25,7 @@ import ray
 from biovita.data.decode import STATS_ACTOR
 from biovita.data.schema import SPLITS
 from biovita.data.store import fetch_dir, read_table
+from biovita.data.validate import check_store
 from biovita.data.vectors import Vectors, read_vectors, write_vectors
 from biovita.embed.service import collect, embed_dataset, embed_files, embed_texts
 from biovita.frontends.audio import AUDIO_EXTS
@@ -140,6 +141,8 @@ def embed_to_parquet(checkpoint: str, out: str, data: str | None = None,
                      files: Sequence[str] | None = None, clap: str | None = None) -> int:
     """`biovita embed`: the embeddings of a whole store (through the cache) or of files, on
     Ray Data; any checkpoint layout. One Parquet file: id, modality, species_id, embedding."""
+    if data:
+        check_store(data).require(["audio", "image"], "embedding")  # before Ray starts
     checkpoint = resolve_checkpoint(checkpoint, clap=clap)
     init_ray()
     tables = []

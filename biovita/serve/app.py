@@ -22,6 +22,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
+from biovita.data.validate import check_store
 from biovita.embed.cache import gallery_embeddings
 from biovita.errors import MediaError
 from biovita.models.checkpoint import resolve_checkpoint
@@ -178,6 +179,8 @@ class BioVITAService:
 def prepare(cfg: ServeConfig) -> ServeConfig:
     """The checkpoint as a biovita folder (converted once from another layout) and the
     gallery embedded (once, on Ray Data, cached beside the store)."""
+    if cfg.gallery:
+        check_store(cfg.gallery).require(["audio", "image"], "a gallery")
     cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint, clap=cfg.clap))
     if cfg.gallery:
         gallery_embeddings(cfg.gallery, cfg.checkpoint)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from biovita.data.store import filesystem, read_table, table_files, table_uri
+from biovita.data.store import filesystem, read_table, shards, table_uri
 from biovita.data.vectors import Vectors
 
 SHOWN = ("scientific_name", "common_name", "genus", "family", "class")
@@ -32,11 +32,11 @@ class Gallery:
         self.where: dict[str, dict[str, tuple[str, int]]] = {"audio": {}, "image": {}}
         for m in ("audio", "image"):
             fs, _ = filesystem(table_uri(store, m))
-            for f in table_files(store, m):
-                pf = pq.ParquetFile(f, filesystem=fs)
+            for shard in shards(store, m):
+                pf = pq.ParquetFile(shard.path, filesystem=fs)
                 for g in range(pf.num_row_groups):
                     for i in pf.read_row_group(g, columns=["id"])["id"].to_pylist():
-                        self.where[m][i] = (f, g)
+                        self.where[m][i] = (shard.path, g)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.items.values())

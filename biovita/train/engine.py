@@ -8,12 +8,14 @@ device (`biovita.train.deepspeed_patches`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from biovita.config import Config
+from biovita.errors import CheckpointError
 from biovita.train import deepspeed_patches
 from biovita.train.losses import LOGIT_SCALE_MAX, LOGIT_SCALE_MIN
 
@@ -155,11 +157,58 @@ class Engine:
         return contextlib.nullcontext()
 
     def save(self, directory: str, state: dict) -> None:
-        """Every rank writes its shard; rank 0 the loop state (JSON) beside it."""
+        """Every rank writes its shard and a manifest of what it wrote (SHA-256 of each file);
+        rank 0 the loop state (JSON) beside them."""
         self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={"biovita": state})
         if self.rank == 0:
             Path(directory, STATE_FILE).write_text(json.dumps(state))
+        write_manifest(directory, self.rank)
 
     def load(self, directory: str) -> dict:
+        """Restore from a checkpoint folder; CheckpointError when it is damaged (a file its
+        manifests list is missing, cut short or changed), before anything is loaded."""
+        check_manifests(directory)
         self.engine.load_checkpoint(directory, tag=DS_TAG)
         return json.loads(Path(directory, STATE_FILE).read_text())
+
+
+MANIFEST = "manifest-rank{}.json"
+
+
+def write_manifest(directory: str, rank: int) -> None:
+    """The files this rank wrote into a checkpoint (every one but the other ranks'
+    manifests), with their sizes and SHA-256."""
+    root = Path(directory)
+    files = {}
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).as_posix()
+        if f.is_file() and not rel.startswith("manifest-rank"):
+            files[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    (root / MANIFEST.format(rank)).write_text(json.dumps(files))
+
+
+def check_manifests(directory: str) -> None:
+    """Raise CheckpointError naming the first file of a checkpoint that is missing, cut short
+    or changed (against every rank's manifest); a checkpoint without manifests passes."""
+    root = Path(directory)
+    for manifest in sorted(root.glob("manifest-rank*.json")):
+        try:
+            files = json.loads(manifest.read_text())
+        except ValueError:
+            raise CheckpointError(f"{manifest}: not valid JSON") from None
+        for rel, want in files.items():
+            f = root / rel
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing (listed in {manifest.name})")
+            if f.stat().st_size != want["size"]:
+                raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {want['size']} written (cut short)")
+            if _sha256(f) != want["sha256"]:
+                raise CheckpointError(f"{f}: SHA-256 differs from the one written")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

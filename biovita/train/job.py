@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from biovita.config import load_config, packaged_configs
-from biovita.errors import ConfigError
+from biovita.errors import ConfigError, StoreError
 
 
 def parser(prog: str = "train.py") -> argparse.ArgumentParser:
@@ -44,22 +44,42 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    results = run(cfg, bench=not args.no_bench)
+    try:
+        results = run(cfg, bench=not args.no_bench)
+    except StoreError as e:  # (checked first, before Ray starts)
+        print(f"store error: {e}", file=sys.stderr)
+        return 2
     if results:
         print(f"results: {results}")
     return 0
 
 
+def check_data(cfg, bench: bool = True):
+    """The store at `data.root` (made when it is the synthetic one and missing): refused when
+    a table the run reads is absent or has a shard of another schema. Returns its health."""
+    from biovita.data.validate import check_store
+    from biovita.train.chain import ensure_data
+    from biovita.train.stages import stages_to_run, tables_needed
+
+    ensure_data(cfg)
+    health = check_store(cfg.data.root)
+    needed = tables_needed(stages_to_run(cfg)) | ({"audio", "image"} if bench else set())
+    health.require(sorted(needed), "training" + (" and the benchmark" if bench else ""))
+    for path, why in health.truncated.items():
+        print(f"store: skipped {path}: {why}", flush=True)
+    return health
+
+
 def run(cfg, bench: bool = True) -> str | None:
     from biovita.data.stats import media_stats
     from biovita.runtime import configure_output, init_ray
-    from biovita.train.chain import ensure_data, run_chain
+    from biovita.train.chain import run_chain
     from biovita.train.stages import stages_to_run
     from biovita.train.driver import dataset_fingerprint, run_dir, save_init
     from biovita.tracking.runs import Tracker, git_commit
 
     t0 = time.time()
-    ensure_data(cfg)
+    health = check_data(cfg, bench)
     # a local instance gets 2 logical CPUs per core: the trainer's threads and the light
     # decode tasks then share the cores instead of the decode tasks waiting for a free CPU
     init_ray(num_cpus=2 * (os.cpu_count() or 1), object_store_memory=int(1e9))
@@ -71,6 +91,7 @@ def run(cfg, bench: bool = True) -> str | None:
         tracker.parent.params({**cfg.flat(), "git_commit": git_commit(),
                                "dataset_fingerprint": fingerprint})
         tracker.record_store(cfg.data.root, fingerprint)
+        tracker.parent.metrics(health.skipped_counts(), step=0)
         if cfg.mlflow.system_metrics:
             monitor = tracker.parent.system_metrics()
     try:

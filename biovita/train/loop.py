@@ -30,6 +30,7 @@ import torch.distributed as dist
 from biovita.bench.validation import ValidationSet, score
 from biovita.config import Config
 from biovita.data.store import fetch_dir, filesystem
+from biovita.errors import CheckpointError
 from biovita.frontends.audio import LogMel
 from biovita.models.checkpoint import load_biovita
 from biovita.tracking.runs import RunLogger
@@ -95,14 +96,22 @@ class RayTrainIO:
         return iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=TorchCollate(),
                                              drop_last=True, prefetch_batches=prefetch))
 
-    @contextlib.contextmanager
-    def checkpoint(self):
-        ck = self.train.get_checkpoint()
-        if ck is None:
-            yield None
+    def checkpoints(self) -> Iterator:
+        """The stage's checkpoints to resume from, newest first, each a context manager giving
+        a local folder: Ray Train's latest, then the older ones it kept beside it (for when the
+        latest is damaged)."""
+        import pyarrow.fs as pafs
+
+        latest = self.train.get_checkpoint()
+        if latest is None:
             return
-        with ck.as_directory() as d:
-            yield d
+        yield latest.as_directory()
+        fs, parent = latest.filesystem, latest.path.rstrip("/").rsplit("/", 1)[0]
+        older = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(parent))
+                        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+                        and i.path.rstrip("/") != latest.path.rstrip("/")), reverse=True)
+        for path in older:
+            yield self.train.Checkpoint(path=path, filesystem=fs).as_directory()
 
     def report(self, metrics: dict, directory: str | None = None) -> None:
         ck = self.train.Checkpoint.from_directory(directory) if directory else None
@@ -140,9 +149,9 @@ class LocalIO:
             epoch = b.get("epoch", 0)
             yield {**b, "epoch": int(epoch.min()) if isinstance(epoch, torch.Tensor) else int(epoch)}
 
-    @contextlib.contextmanager
-    def checkpoint(self):
-        yield self.resume
+    def checkpoints(self) -> Iterator:
+        if self.resume:
+            yield contextlib.nullcontext(self.resume)
 
     def report(self, metrics: dict, directory: str | None = None) -> None:
         if directory:
@@ -195,10 +204,7 @@ class StageRun:
         self.compiled = self._compile() if self.cfg.train.compiles() else []
         self.state: dict[str, Any] = {"epoch": 0, "step": 0, "gate": None, "baseline_atc": None,
                                       "gate_open_steps": 0}
-        with io.checkpoint() as d:
-            if d:
-                self.state = self.eng.load(d)
-                self._resumed()
+        self._resume(io)
         self.gate = (schedules.ATCGate.from_state(self.state["gate"], device) if self.state.get("gate")
                      else self._new_gate(self.state.get("baseline_atc") or 1.0))
         self.gate_open_steps = torch.tensor(float(self.state["gate_open_steps"]), device=device)
@@ -226,14 +232,29 @@ class StageRun:
                   "compiled with torch.compile at the first step", flush=True)
         return names
 
-    def _resumed(self) -> None:
-        if self.io.rank != 0:
+    def _resume(self, io) -> None:
+        """Restore the newest checkpoint that is whole; a damaged one (a file cut short or
+        changed since it was written) is reported and the one before it is used."""
+        damaged, loaded = 0, False
+        for candidate in io.checkpoints():
+            with candidate as d:
+                try:
+                    self.state, loaded = self.eng.load(d), True
+                except CheckpointError as e:
+                    damaged += 1
+                    if io.rank == 0:
+                        print(f"[{self.stage.name}] checkpoint damaged, not used: {e}", flush=True)
+            if loaded:
+                break
+        if io.rank != 0 or not (loaded or damaged):
             return
         step = self.state["step"]
-        print(f"[{self.stage.name}] resumed from checkpoint at step {step} "
-              f"(data from the start of epoch {self.state['epoch']})", flush=True)
+        print(f"[{self.stage.name}] " + (
+            f"resumed from checkpoint at step {step} (data from the start of epoch "
+            f"{self.state['epoch']})" if loaded else "no whole checkpoint: the stage starts over")
+            + (f"; {damaged} newer damaged checkpoint(s) skipped" if damaged and loaded else ""), flush=True)
         if self.logger:
-            self.logger.metrics({"resumed_from_step": step}, step=step)
+            self.logger.metrics({"resumed_from_step": step, "damaged_checkpoints": damaged}, step=step)
 
     # ------------------------------------------------------------------------ the loop
     def run(self) -> None:

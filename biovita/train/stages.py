@@ -241,5 +241,11 @@ def benchmarked(stages) -> list[Stage]:
     return [s for s in STAGES if s.bench_name and s.name in names]
 
 
+def tables_needed(stages) -> set[str]:
+    """The store tables training `stages` reads: each one's, the images stage 2 pairs clips
+    with, and the taxa (every exported model records its species)."""
+    return {"taxa"} | {s.table for s in stages} | {"image" for s in stages if s.pairs_images}
+
+
 def sweepable() -> list[str]:
     return [s.name for s in STAGES if s.sweepable]

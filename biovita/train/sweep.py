@@ -30,7 +30,7 @@ from biovita.config import (
     resolve_config_path,
     save_config,
 )
-from biovita.errors import ConfigError
+from biovita.errors import ConfigError, StoreError
 from biovita.locations import absolute, is_remote
 from biovita.structured import build
 
@@ -257,10 +257,10 @@ def run_sweep(spec: SweepSpec, base: Config) -> dict:
 
     from biovita.runtime import configure_output, init_ray
     from biovita.tracking.runs import Tracker
-    from biovita.train.chain import ensure_data
+    from biovita.train.job import check_data
 
     t0 = time.time()
-    ensure_data(base)
+    check_data(base, bench=False)
     init_ray(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=int(1e9))
     configure_output()
     init = _shared_base(base, spec)
@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None, prog: str = "sweep.py") -> int:
         print(f"sweep config error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    run_sweep(spec, base)
+    try:
+        run_sweep(spec, base)
+    except StoreError as e:  # (checked first, before Ray starts)
+        print(f"store error: {e}", file=sys.stderr)
+        return 2
     return 0
 
