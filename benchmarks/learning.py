@@ -47,9 +47,9 @@ LEVELS = ("species", "genus", "family")
 def seed_models(seed: int, out: Path, extra: list[str]) -> tuple[dict[str, str], object]:
     """Train the recipe and the ablations for one seed; {variant: model URI}, the config."""
     from biovita.config import load_config
-    from biovita.train.chain import ensure_data, run_chain, stages_to_run
+    from biovita.train.chain import ensure_data, run_chain
     from biovita.train.driver import save_init
-    from biovita.train.stages import get_stage
+    from biovita.train.stages import get_stage, stages_to_run
     from biovita.tracking.runs import Tracker
 
     base = [f"data.root={out / f'world{seed}'}", f"data.synth_seed={seed}", f"train.seed={seed}",

@@ -1,9 +1,10 @@
 """Step time of the real worker loop (Ray Train, 2 workers, DeepSpeed ZeRO-2) vs a bare
 2-process torch loop (gloo) doing the same math on the same in-memory batches.
 
-Both train stage 1 of the tiny model from the same initial weights: encode audio and text,
-ATC with negatives gathered from both processes, backward, gradients averaged, AdamW step,
-logit-scale clamp. The real loop is `biovita.train.loop.train_loop_per_worker` itself
+Both train stage 1 of the tiny model from the same initial weights on what the stream ships:
+the log-mel of float16 waveforms computed in the step, the audio tower, the prompts' cached
+text embeddings, ATC with negatives gathered from both processes, backward, gradients
+averaged, AdamW step, logit-scale clamp. The real loop is `biovita.train.loop.train_loop_per_worker` itself
 (schedules, fp32 losses, clamp of the stored value, metrics and logging, the Ray Data
 stream), fed from a materialised Ray Dataset so that decoding is not timed (that is
 data_throughput.py's job). One torch thread per process; steady-state step time (median of
@@ -33,8 +34,11 @@ def _rows(rank: int, steps: int, batch: int) -> list[dict]:
     rng = np.random.default_rng(rank)
     texts = ["Aves Passeriformes Paridae Parus major", "Hyla arborea with common name tree frog",
              "Rana temporaria", "Chiroptera Vespertilionidae Myotis daubentonii", "Gryllus campestris"]
-    return [{"mel": (rng.standard_normal((1, 1001, 64)) * 10 - 40).astype(np.float32),
-             "text": f"{texts[i % len(texts)]} {i}", "epoch": 0} for i in range(steps * batch)]
+    emb = rng.standard_normal((len(texts), 64)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    # as the stream ships them: a float16 waveform, the prompt's cached text embedding
+    return [{"wave": (0.25 * rng.standard_normal(480_000)).astype(np.float16),
+             "text_emb": emb[i % len(texts)], "epoch": 0} for i in range(steps * batch)]
 
 
 def _init_model(path: Path) -> str:
@@ -49,10 +53,12 @@ def _init_model(path: Path) -> str:
 
 
 def _bare_worker(rank, port, init, steps, warmup, batch, out):
+    import numpy as np
     import torch
     import torch.distributed as dist
 
     from biovita.config import Stage2Config, StageConfig
+    from biovita.frontends.audio import LogMel
     from biovita.models.checkpoint import load_model
     from biovita.train import freeze, losses
     from biovita.train.stages import STAGE1
@@ -64,16 +70,15 @@ def _bare_worker(rank, port, init, steps, warmup, batch, out):
     groups = freeze.param_groups(model, STAGE1, StageConfig(lr=1e-4, weight_decay=0.05), Stage2Config())
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups)
-    tok = model.tokenizer()
+    log_mel = LogMel(model.audio_front_end)
     rows = _rows(rank, steps + warmup, batch)
     times = []
     for i in range(steps + warmup):
         t = time.perf_counter()
         b = rows[i * batch:(i + 1) * batch]
-        mel = torch.from_numpy(__import__("numpy").stack([r["mel"] for r in b]))
-        a = model.encode_audio(mel)
-        with torch.no_grad():
-            tx = model.encode_text(tok([r["text"] for r in b]))
+        wave = torch.from_numpy(np.stack([r["wave"] for r in b]))
+        a = torch.nn.functional.normalize(model.encode_audio(log_mel(wave)), dim=-1)
+        tx = torch.from_numpy(np.stack([r["text_emb"] for r in b]))
         loss = losses.contrastive_loss(a, tx, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -141,7 +146,7 @@ def real(init: str, steps: int, warmup: int, batch: int, log_every: int) -> floa
     ds = ray.data.from_items(rows, override_num_blocks=total * WORKERS).materialize()
     with tempfile.TemporaryDirectory() as d:
         clock = f"{d}/clock.txt"
-        job = StageJob(config=cfg.to_dict(), stage="stage1", steps_per_epoch=total,
+        job = StageJob(config=cfg, stage="stage1", steps_per_epoch=total,
                        init_checkpoint=init, export_to=f"{d}/model", callbacks=[StepClock(clock)])
         env = {**worker_output_env(cfg), "OMP_NUM_THREADS": "1"}
         TorchTrainer(

@@ -17,7 +17,14 @@ from typing import Sequence
 
 import numpy as np
 
+import torch
+
 from biovita.errors import MediaError
+from biovita.frontends.audio import load_clip, log_mel
+from biovita.frontends.image import MAX_IMAGE_PIXELS, load_image
+from biovita.frontends.sniff import AUDIO_KINDS, IMAGE_KINDS, sniff
+from biovita.models.checkpoint import load_model
+
 TAXON_FIELDS = ("class", "order", "family", "genus", "scientific_name", "common_name")
 
 
@@ -47,8 +54,6 @@ class Predictor:
         """`checkpoint`: any layout `biovita.load_model` reads (a biovita folder, the released
         layout or `hf-hub:risashinoda/BioVITA`, an authors' `.pth`); `clap`: the CLAP base of
         the released layouts."""
-        from biovita.models.checkpoint import load_model
-
         self.checkpoint = str(checkpoint)
         self.model = load_model(self.checkpoint, clap=clap, model=model)
         if taxa is None and taxa_csv:
@@ -98,10 +103,6 @@ class Predictor:
         """(modality, model input: log-mel or uint8 pixels) of an encoded recording or photo;
         the modality comes from the bytes (what a file is called can lie). MediaError when
         the bytes are neither, or do not decode."""
-        from biovita.frontends.audio import load_clip, log_mel
-        from biovita.frontends.image import MAX_IMAGE_PIXELS, load_image
-        from biovita.frontends.sniff import AUDIO_KINDS, IMAGE_KINDS, sniff
-
         kind = sniff(data)
         if kind in ("empty", "html"):
             raise MediaError("empty_file" if kind == "empty" else "html_page")
@@ -114,8 +115,6 @@ class Predictor:
 
     def encode(self, modality: str, inputs: Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised embeddings (n x d) of decoded inputs of one modality, one forward."""
-        import torch
-
         x = torch.from_numpy(np.stack(inputs))
         with torch.no_grad():
             out = self.model.encode_audio(x) if modality == "audio" else self.model.encode_image(x)
@@ -132,8 +131,6 @@ class Predictor:
         """The logit scale the model was trained with for this modality against text (read
         once: it is a forward of the model)."""
         if not hasattr(self, "_scales"):
-            import torch
-
             with torch.no_grad():
                 self._scales = {k: float(v) for k, v in self.model.logit_scales().items()}
         return self._scales["model" if modality == "audio" else "clip"]

@@ -229,7 +229,7 @@ def test_galleries_that_differ_between_rows_take_the_exact_path():
 @pytest.mark.slow
 def test_the_releases_benchmark_defects_score_and_are_counted(ray_local, synth_store, tiny_checkpoint,
                                                               tmp_path):
-    """The public release's benchmark as it is (METHOD.md): index rows whose file is missing,
+    """The public release's benchmark as it is (docs/method.md): index rows whose file is missing,
     a clip that is an HTML page saved as audio, header-only family-level task files, the
     common_name text level. It scores without error and the report counts each defect."""
     from biovita.bench.build import build_benchmark

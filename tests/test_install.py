@@ -23,8 +23,13 @@ def _run(cmd, cwd, **kw):
 
 def test_wheel_in_fresh_venv_runs_from_anywhere(tmp_path):
     src, dist = tmp_path / "src", tmp_path / "dist"  # a copy: building writes build/ beside it
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "data", "build", "*.egg-info",
-                                                             "__pycache__", "mlflow.db", "mlartifacts"))
+    junk = shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__")
+    local = {"runs", "data", "mlflow.db", "mlartifacts"}  # what a run leaves in the checkout's root
+
+    def ignore(folder, names):
+        return set(junk(folder, names)) | (local & set(names) if Path(folder) == ROOT else set())
+
+    shutil.copytree(ROOT, src, ignore=ignore)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
           "-w", str(dist), str(src)], cwd=tmp_path)
     wheel, = dist.glob("biovita-*.whl")

@@ -180,7 +180,7 @@ def test_single_pass_shortens_the_executor_completion_wait(ray_local, synth_stor
     """Ray Data's loop waits up to 0.1 s for every running task; single passes lower that."""
     from ray.data._internal.execution import streaming_executor_state
 
-    from biovita.data.ray_patches import COMPLETION_WAIT_S
+    from biovita.ray_patches import COMPLETION_WAIT_S
 
     root, _ = synth_store
     audio_dataset(str(root), AudioDecodeSpec(mode="onset", prompts="none", stats_name=None), split=None)
@@ -194,7 +194,7 @@ def test_ray_patches_refuse_another_ray_version():
     import sys
 
     r = subprocess.run([sys.executable, "-c", "import ray; ray.__version__ = '9.9.9'; "
-                        "import biovita.data.ray_patches"], capture_output=True, text=True)
+                        "import biovita.ray_patches"], capture_output=True, text=True)
     assert r.returncode != 0
     assert "written for Ray 2.60.0; this environment has Ray 9.9.9" in r.stderr
 

@@ -134,7 +134,7 @@ def test_param_groups_lr_decay_and_requires_grad(tiny_model):
 
 def test_released_upper_audio_set_is_the_authors(tiny_model):
     """The parameters whose ClapModel name contains proj / final_layer / layers.11: on HTS-AT
-    the audio projection and the patch embedding's convolution, no Swin block (METHOD.md)."""
+    the audio projection and the patch embedding's convolution, no Swin block (docs/method.md)."""
     names = {n for n, p in tiny_model.audio.named_parameters()
              if id(p) in {id(q) for q in tiny_model.upper_audio_parameters("released")}}
     assert names == {"audio_model.audio_encoder.patch_embed.proj.weight",

@@ -139,7 +139,7 @@ def test_restarted_workers_stream_from_the_checkpoint_epoch(ray_local, synth_sto
 
     root, _ = synth_store
     cfg = _cfg(root, tmp_path, "stage0.epochs=4", "train.run_name=restart")
-    data = StageData(cfg.to_dict(), "stage0", save_init(cfg))
+    data = StageData(cfg, "stage0", save_init(cfg))
     epochs = lambda ds: {int(e) for b in ds.iter_batches(batch_size=256) for e in b["epoch"]}  # noqa: E731
     assert resume_epoch(cfg, "stage0") == 0 and epochs(data()) == {0, 1, 2, 3}
     write_progress(progress_uri(cfg, "stage0"), {"epoch": 2, "step": 17})

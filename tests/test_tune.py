@@ -14,10 +14,11 @@ from biovita.train.sweep import load_space
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _space(tmp_path, root, params, **extra):
+def _space(tmp_path, root, params, tracking=True, **extra):
     spec = {
         "base_config": "default",
-        "overrides": [f"data.root={root}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "overrides": [f"data.root={root}",
+                      *([f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if tracking else []),
                       f"train.storage_path={tmp_path / 'runs'}", "stage0.epochs=1", "stage0.max_steps=2",
                       "stage0.batch_size=8", "stage1.epochs=1", "stage1.max_steps=4", "stage1.batch_size=4",
                       "train.log_every=1"],
@@ -42,19 +43,29 @@ def test_bad_spaces_rejected_before_any_trial(tmp_path, synth_store):
 
 
 @pytest.mark.slow
-def test_two_trial_sweep(ray_local, synth_store, tmp_path):
+def test_two_trial_sweep(ray_local, synth_store, tmp_path, monkeypatch):
+    """Run as a user runs it, from a directory of their own with MLflow's default store: the
+    trials are child runs of the sweep's parent in that store (each trial runs in a working
+    directory of Tune's, where a relative store would be another one)."""
     from biovita.train.sweep import run_sweep
 
     root, _ = synth_store
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.chdir(user)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     spec, base = load_space(_space(tmp_path, root, {
-        "model.init_temperature": {"type": "grid", "values": [0.05, 0.1]}}, num_samples=1))
+        "model.init_temperature": {"type": "grid", "values": [0.05, 0.1]}}, tracking=False,
+        num_samples=1, storage_path="sweeps"))
+    assert spec.storage_path == str(user / "sweeps")  # made absolute on the driver
+    assert base.mlflow.tracking_uri == f"sqlite:///{user / 'mlflow.db'}"
     out = run_sweep(spec, base)
     # each trial scored the shared validation set (held out of its training) for ASHA
     assert len(out["rows"]) == 2 and all(0 <= r["val/top1"] <= 1 for r in out["rows"])
     best = load_config(out["best_config"])  # loads (and validates) as a training config
     assert best.train.validation == ""
     assert best.model.init_temperature in (0.05, 0.1)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{user / 'mlflow.db'}")  # the store the user opens
     exp = client.get_experiment_by_name("biovita")
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.data.tags.get("biovita.sweep") == "tsweep"]

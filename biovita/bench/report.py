@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from biovita.bench.build import CODES
@@ -36,8 +37,6 @@ def format_table(result: dict, bench: str | Path | None = None, title: str = "")
 
 def print_skipped(result: dict, out=None) -> None:
     """One line per task with skipped queries (to stderr): how many, and why."""
-    import sys
-
     for level, tasks in result.get("skipped_detail", {}).items():
         for code, reasons in tasks.items():
             print(f"skipped {level}/{code}: " + ", ".join(f"{k}={v}" for k, v in reasons.items()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
 import uuid
 from pathlib import Path
 
@@ -128,11 +129,11 @@ def input_report(bench: str | Path, feats: str | Path, decode_failures: dict) ->
 
 
 def print_inputs(inputs: dict, out=None) -> None:
-    """One line per modality: what could be used, and why not the rest."""
-    import sys
-
+    """One line per modality that could not be used whole: how much, and why not the rest."""
     for modality in ("audio", "image", "text"):
         e = inputs[modality]
+        if e["with_feature"] == e["indexed"]:
+            continue
         why = {"missing file": e.get("missing_file", 0), **e.get("failed", {})}
         detail = ", ".join(f"{k} {v}" for k, v in why.items() if v)
         print(f"{modality}: {e['with_feature']} of {e['indexed']} indexed items have a feature"
@@ -144,23 +145,24 @@ def print_inputs(inputs: dict, out=None) -> None:
 
 def evaluate(bench: str | Path, checkpoint: str, feats: str | Path, use_gpu: bool = False,
              json_out: str | Path | None = None, logger=None, prefix: str = "bench",
-             title: str = "", skip_missing: bool = False, clap: str | None = None) -> dict:
-    """Features (resumable), scores, the printed table; with `json_out` the JSON and its
-    plots beside it, logged to MLflow under `prefix` when a logger is given. Any checkpoint
-    layout (`clap`: the CLAP base of the released layouts)."""
+             title: str = "", skip_missing: bool = False, clap: str | None = None,
+             table: bool = True) -> dict:
+    """Features (resumable), scores, the printed table (`table`); with `json_out` the JSON
+    and its plots beside it, logged to MLflow under `prefix` when a logger is given. Any
+    checkpoint layout (`clap`: the CLAP base of the released layouts)."""
     checkpoint = resolve_checkpoint(checkpoint, clap=clap)
     name = f"biovita-bench-{uuid.uuid4().hex[:8]}"  # this run's own count of undecodable media
     media_stats(name)
     try:
-        n = extract_features(bench, checkpoint, feats, use_gpu=use_gpu, stats_name=name)
+        extract_features(bench, checkpoint, feats, use_gpu=use_gpu, stats_name=name)
         failures = bad_media_counts(name)["bad"]
     finally:
         drop_media_stats(name)
-    print(f"features written: {n} -> {feats}", flush=True)
     result = score_benchmark(bench, feats, skip_missing=skip_missing)
     result["inputs"] = input_report(bench, feats, failures)
-    print()
-    print(format_table(result, bench, title=title))
+    if table:
+        print()
+        print(format_table(result, bench, title=title))
     print_skipped(result)
     print_inputs(result["inputs"])
     if json_out:

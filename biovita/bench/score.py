@@ -24,12 +24,17 @@ import json
 import re
 import sys
 from collections import defaultdict
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import torch
 
 from biovita.bench.build import TASKS
+from biovita.bench.kernels import candidate_scores
 from biovita.errors import BenchmarkError
 from biovita.taxonomy import LEVELS
 
@@ -81,8 +86,6 @@ class FeatureStore:
         self._cache: dict[tuple[str, str], dict[str, np.ndarray]] = {}
 
     def features(self, modality: str, ids: set[str], level: str) -> Features:
-        import torch
-
         key = (modality, level if modality == "text" else "")
         cache = self._cache.setdefault(key, {})
         for i in ids - cache.keys():
@@ -140,8 +143,6 @@ class Task:
                      candidates: list[list[str]], gallery_texts: list[list[str]]) -> Task:
         """Encode: taxon names become codes, each taxon's gallery is kept once when every row
         lists the same one for it (the release format), compared as JSON text."""
-        from itertools import chain
-
         code_of: dict[str, int] = {}
         n_cand = np.fromiter(map(len, candidates), np.int64, len(candidates))
         flat = list(chain.from_iterable(candidates))
@@ -169,9 +170,6 @@ def read_task(path: Path) -> Task:
     """Read a task CSV of the official layout. Fast: the CSV is parsed by Arrow, the candidate
     lists by one JSON parse per column, and each row's galleries are kept as JSON text (one
     regular-expression pass) and compared as text; only each taxon's gallery is decoded."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
     need = ("query_payload_id", "correct_taxon", "candidates_taxa", "candidates_target_ids")
     if not path.is_file():
         raise BenchmarkError(f"missing benchmark file {path}")
@@ -250,10 +248,6 @@ def _rank_shared(task: Task, keep: np.ndarray, Q: np.ndarray, gallery: Features,
     """Ranks when every taxon has one gallery (the release format): the compiled kernel
     computes just the dot products of each query with its own candidates' gallery items
     (`biovita.bench.kernels`), in float32."""
-    from itertools import chain
-
-    from biovita.bench.kernels import candidate_scores
-
     listed = np.fromiter(map(len, task.galleries), np.int64, len(task.galleries))
     item = gallery.rows(list(chain.from_iterable(task.galleries)))  # -1: no feature
     sizes = np.bincount(np.repeat(np.arange(len(listed)), listed)[item >= 0], minlength=len(listed))
@@ -271,8 +265,6 @@ def _rank_per_row(task: Task, keep: np.ndarray, Q: np.ndarray, gallery: Features
     """Exact ranks when galleries differ between rows: all (query, candidate, item) triples are
     flattened once; each block of queries is one matrix product against the gallery, then a
     gather and two segment reductions (max over a candidate's items, count of better ones)."""
-    from itertools import chain
-
     rows = keep
     n_cand = (task.cand[keep] >= 0).sum(1)
     correct_pos = task.correct[keep]

@@ -1,4 +1,7 @@
-"""`biovita bench build | run | score`: BioVITA Bench."""
+"""`biovita bench build | run | score | traits`: BioVITA Bench.
+
+Each command imports what it needs when it runs (torch, Ray): `biovita --help` stays instant.
+"""
 
 from __future__ import annotations
 

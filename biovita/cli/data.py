@@ -1,4 +1,7 @@
-"""`biovita synth | convert | fetch | validate`: make and check a Parquet media store."""
+"""`biovita synth | convert | fetch | validate`: make and check a Parquet media store.
+
+Each command imports what it needs when it runs (torch, Ray): `biovita --help` stays instant.
+"""
 
 from __future__ import annotations
 

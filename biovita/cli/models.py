@@ -1,4 +1,7 @@
-"""`biovita list-models | predict | embed | export`: use a model."""
+"""`biovita list-models | predict | embed | export`: use a model.
+
+Each command imports what it needs when it runs (torch, Ray): `biovita --help` stays instant.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`biovita serve`: identify and search on Ray Serve, with a web page."""
+"""`biovita serve`: identify and search on Ray Serve, with a web page.
+
+Each command imports what it needs when it runs (torch, Ray): `biovita --help` stays instant.
+"""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ from biovita.data.sampling import stable_hash
 from biovita.data.schema import TRAIT_COLUMNS
 from biovita.data.store import ShardWriter, write_table
 from biovita.errors import MediaError
-from biovita.frontends.image import MAX_IMAGE_PIXELS
+from biovita.frontends.audio import read_audio
+from biovita.frontends.image import MAX_IMAGE_PIXELS, read_image
 from biovita.taxonomy import folder_name, species_key
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
@@ -63,8 +64,6 @@ class ConvertReport:
 
 
 def _check_audio(path: str) -> tuple[str, bytes | None, str]:
-    from biovita.frontends.audio import read_audio
-
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -77,8 +76,6 @@ def _check_audio(path: str) -> tuple[str, bytes | None, str]:
 
 
 def _check_image(args: tuple[str, int]) -> tuple[str, bytes | None, str]:
-    from biovita.frontends.image import read_image
-
     path, max_pixels = args
     try:
         data = Path(path).read_bytes()

@@ -31,7 +31,7 @@ from biovita.data.planning import (
     stream_plan,
 )
 from biovita.data.sampling import epoch_order
-from biovita.data.ray_patches import bound_decoding, shorten_completion_wait
+from biovita.ray_patches import bound_decoding, shorten_completion_wait
 from biovita.data.store import filesystem, table_uri
 
 _CACHE: dict[str, Any] = {}

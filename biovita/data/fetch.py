@@ -22,27 +22,37 @@ downloaded into a Parquet store by a Ray Data job.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from mlflow.tracking import MlflowClient
+
 from biovita.data.convert import ConvertReport, Splits, species_ids, write_taxa
 from biovita.data.fetch_plan import (LEDGER, Item, dedupe, grid, plan_clips, plan_images, shard_name,
                                      store_state)
 from biovita.data.lease import Lease, held_by
-from biovita.errors import FetchError
+from biovita.errors import FetchError, MediaError
 from biovita.data.http import Download, FetchPolicy, HostSchedule, download
 from biovita.data.schema import SCHEMAS
 from biovita.data.store import filesystem, write_part
-from biovita.frontends.image import MAX_IMAGE_PIXELS
+from biovita.frontends.audio import read_audio
+from biovita.frontends.image import MAX_IMAGE_PIXELS, read_image
 from biovita.frontends.sniff import sniff
 from biovita.locations import is_remote, tracking_uri
+from biovita.runtime import init_ray, interactive
 from biovita.tracking.runs import RunLogger, experiment_id, find_or_create_run
 
 FORMATS = {"mp4": "m4a"}  # sniffed container -> the store's `format`
@@ -58,8 +68,6 @@ class RayGate:
         self.handle = handle
 
     def acquire(self, host: str) -> None:
-        import ray
-
         ray.get(self.handle.acquire.remote(host))
 
     def release(self, host: str, pause_s: float = 0.0) -> None:
@@ -68,9 +76,6 @@ class RayGate:
 
 def gate_actor(policy: FetchPolicy):
     """One small async actor holding the HostSchedule of every fetcher in the cluster."""
-    import asyncio
-
-    import ray
 
     @ray.remote(num_cpus=0, max_concurrency=10_000)
     class HostGate:
@@ -89,10 +94,6 @@ def gate_actor(policy: FetchPolicy):
 
 def check_body(table: str, body: bytes, max_pixels: int) -> tuple[str, str]:
     """(store format, "") for a body that decodes as the table's media, else ("", reason)."""
-    from biovita.errors import MediaError
-    from biovita.frontends.audio import read_audio
-    from biovita.frontends.image import read_image
-
     try:
         read_audio(body) if table == "audio" else read_image(body, max_pixels)
     except MediaError as e:
@@ -124,8 +125,6 @@ class ChunkFetcher:
         return item, got, fmt
 
     def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
         rows = {k: [] for k in ("table", "id", "host", "outcome", "reason", "attempts", "bytes")}
         for chunk, gens, payload in zip(batch["chunk"], batch["generations"], batch["items"]):
             items = [Item(**d) for d in json.loads(payload)]
@@ -143,8 +142,6 @@ class ChunkFetcher:
         return {k: np.array(v) for k, v in rows.items()}
 
     def _write(self, chunk: str, gens: dict[str, int], results: list[tuple[Item, Download, str]]) -> None:
-        import pyarrow as pa
-
         good = defaultdict(list)
         for item, got, fmt in results:
             if got.outcome != "ok":
@@ -270,13 +267,7 @@ def _run_chunks(chunks: list[dict], out: str, policy: FetchPolicy, taxa: dict[st
                 splits: Splits, lease: tuple[str, str], report: FetchReport, *, actors: int,
                 threads: int, max_pixels: int, progress: bool | None) -> None:
     """The Ray Data job: chunks to the fetcher actors, their outcome rows into `report`."""
-    import ray
-
-    from biovita.runtime import init_ray
-
     init_ray()
-    import ray.data
-
     gate = gate_actor(policy)
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
         ChunkFetcher, batch_size=1, num_cpus=1,
@@ -297,8 +288,6 @@ class Progress:
     in a log file, one line each 10 % of the files."""
 
     def __init__(self, total: int, show: bool | None):
-        from biovita.runtime import interactive
-
         self.total, self.tty = total, interactive() if show is None else show
         self.done, self.next_line, self.bar = 0, 0.1, None
         if self.tty:
@@ -330,10 +319,6 @@ class Progress:
 
 def log_to_mlflow(report: FetchReport, uri: str | None, params: dict) -> None:
     """A `fetch` run in the biovita experiment: its inputs, counts and the JSON report."""
-    import tempfile
-
-    from mlflow.tracking import MlflowClient
-
     uri = tracking_uri(uri or "")
     client = MlflowClient(uri)
     rid = find_or_create_run(client, experiment_id(client, "biovita", uri), "fetch",

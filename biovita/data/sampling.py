@@ -56,7 +56,7 @@ def triplet_plan(
     seed: int,
 ) -> dict[str, list[str]]:
     """Stage-2 triplets: `per_species` (audio, image) pairs a species, with replacement,
-    drawn once for the stage (METHOD.md: only their order changes from epoch to epoch).
+    drawn once for the stage (docs/method.md: only their order changes from epoch to epoch).
 
     Returns audio id -> the image ids it is paired with (one entry per use). Species with no
     image or no clip are left out.

@@ -8,12 +8,15 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from biovita.data.datasets import audio_dataset, image_dataset
 from biovita.data.decode import AudioDecodeSpec, ImageDecodeSpec
 from biovita.data.schema import MEDIA_TABLES, SCHEMAS, check_schema
+from biovita.data.stats import bad_media_counts, drop_media_stats, media_stats
 from biovita.data.store import shards, table_files, table_uri, unreadable_shards
 from biovita.errors import StoreError
 from biovita.frontends.audio import AudioFrontEnd
 from biovita.frontends.image import ImageFrontEnd
+from biovita.runtime import init_ray
 
 
 @dataclass
@@ -72,10 +75,6 @@ def validate_store(root: str, json_out: str | None = None, echo: bool = True) ->
     """(usable, report): the store's structure (absent tables, damaged shards named with why)
     and a decode pass of every readable shard, good/bad counts by reason. Absent tables and
     bad media alone are no error; a damaged shard is."""
-    from biovita.data.datasets import audio_dataset, image_dataset
-    from biovita.data.stats import bad_media_counts, drop_media_stats, media_stats
-    from biovita.runtime import init_ray
-
     health = check_store(root)
     report: dict = {"root": str(root), **asdict(health)}
     if echo:

@@ -38,6 +38,10 @@ from biovita.models.registry import (
 log = logging.getLogger("biovita.models")
 
 
+class RandomTowerWarning(UserWarning):
+    """A tower was built without pretrained weights (`require_pretrained` makes it an error)."""
+
+
 def register_clip_config(name: str, cfg: dict) -> None:
     import open_clip
 
@@ -148,7 +152,7 @@ def audio_config_dict(config) -> dict:
 
 
 def audio_front_end(ref: str) -> AudioFrontEnd:
-    """The checkpoint's own preprocessor config is the ground truth (METHOD.md)."""
+    """The checkpoint's own preprocessor config is the ground truth (docs/method.md)."""
     from transformers import ClapFeatureExtractor
 
     try:
@@ -172,7 +176,7 @@ def create_model(cfg: ModelConfig | str = "tiny"):
             msg = f"{tower} tower of model {cfg.name!r} is RANDOMLY INITIALISED (no pretrained weights)"
             if cfg.require_pretrained:
                 raise PretrainedWeightsError(msg + "; require_pretrained is set")
-            warnings.warn(msg, stacklevel=2)
+            warnings.warn(msg, RandomTowerWarning, stacklevel=2)
     log.info("audio adapter + logit scale: new parameters (trained by BioVITA)")
     arch = {
         "name": cfg.name,

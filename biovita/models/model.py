@@ -134,7 +134,7 @@ class BioVITA(nn.Module):
         return [p for n, p in self.clip.named_parameters() if id(p) not in visual]
 
     # What the released code unfreezes in phase 2: the parameters whose transformers ClapModel
-    # name contains one of these (METHOD.md); on HTS-AT that is the audio projection and the
+    # name contains one of these (docs/method.md); on HTS-AT that is the audio projection and the
     # patch embedding's convolution, no Swin block.
     RELEASED_UPPER_AUDIO = ("proj", "final_layer", "layers.11")
 

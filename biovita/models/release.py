@@ -1,4 +1,4 @@
-"""The BioVITA release's layouts (METHOD.md, "Released weights and checkpoints"), read and
+"""The BioVITA release's layouts (docs/method.md, "Released weights"), read and
 written, so that the published model, the authors' checkpoints and models trained here go
 wherever the other's tools expect them.
 

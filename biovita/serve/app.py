@@ -8,6 +8,8 @@
 Requests are decoded on the replica's threads and their forward passes batched
 (`serve.batch`); replicas and autoscaling come from `ServeConfig`. A bad request gets a JSON
 error (`{"error": reason, "message": ...}`) with a 4xx status; the service keeps serving.
+Beyond `max_ongoing_requests` per replica and `max_queued_requests` waiting, a request is
+answered at once with 503 and `Retry-After` (the accepted ones keep their latency).
 """
 
 # (no `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime,
@@ -21,6 +23,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from biovita.data.validate import check_store
 from biovita.embed.cache import gallery_embeddings
@@ -60,6 +63,11 @@ class ServeConfig:
     gpus_per_replica: float = 0.0
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
+    # admission: requests a replica works on at once, and requests each proxy holds for the
+    # deployment beyond that; the excess is answered at once with 503 and Retry-After
+    max_ongoing_requests: int = 16
+    max_queued_requests: int = 32
+    retry_after_s: float = 1.0
     max_upload_mb: float = 50.0
     max_pixels: int = 50_000_000
     default_k: int = 5
@@ -190,7 +198,10 @@ def prepare(cfg: ServeConfig) -> ServeConfig:
 def build_app(cfg: ServeConfig):
     """The Ray Serve application (bind it with `serve.run`): replicas and autoscaling from
     cfg, which `prepare` made ready."""
-    options = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}}
+    options = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+               "max_ongoing_requests": cfg.max_ongoing_requests,
+               "max_queued_requests": cfg.max_queued_requests,
+               "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s)}
     if cfg.autoscaling.max_replicas > 1:
         a = cfg.autoscaling
         options["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,

@@ -30,7 +30,21 @@ def post(url: str, fields: dict[str, str] | None = None, file: tuple[str, bytes]
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return e.code, _error(e)
+
+
+def _error(e: urllib.error.HTTPError) -> dict:
+    """An error answer as a dict: the service's JSON, or (an overloaded service answers 503
+    in plain text) `{"error": "overloaded", "message": ..., "retry_after": seconds}`."""
+    body = e.read()
+    try:
+        out = json.loads(body)
+    except ValueError:
+        out = {"error": "overloaded" if e.code == 503 else f"http_{e.code}",
+               "message": body.decode("utf-8", "replace")[:300]}
+    if e.headers.get("Retry-After"):
+        out["retry_after"] = float(e.headers["Retry-After"])
+    return out
 
 
 def identify(url: str, path: str | Path, rank: str = "species", k: int = 5) -> dict:
@@ -38,5 +52,6 @@ def identify(url: str, path: str | Path, rank: str = "species", k: int = 5) -> d
     status, res = post(url.rstrip("/") + "/identify", {"rank": rank, "k": str(k)},
                        (Path(path).name, Path(path).read_bytes()))
     if status != 200:
-        raise RuntimeError(f"{status} {res.get('error')}: {res.get('message')}")
+        again = f" (retry after {res['retry_after']:g} s)" if "retry_after" in res else ""
+        raise RuntimeError(f"{status} {res.get('error')}: {res.get('message')}{again}")
     return res

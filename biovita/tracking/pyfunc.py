@@ -10,9 +10,22 @@ or serve it: `mlflow models serve -m models:/biovita/1 --env-manager local`.
 
 from __future__ import annotations
 
+import contextlib
+import io
+from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 
+import mlflow
 import mlflow.pyfunc
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from biovita.errors import MediaError
+from biovita.predict import Predictor
+
+# the library folder logged beside the model (`code_paths`): the model loads without an install
+LIBRARY = Path(__file__).resolve().parent.parent
 
 REGISTERED_NAME = "biovita"
 
@@ -23,15 +36,9 @@ class BioVITAPyfunc(mlflow.pyfunc.PythonModel):
     file's embedding (the same on each of its rows)."""
 
     def load_context(self, context):
-        from biovita.predict import Predictor
-
         self.predictor = Predictor(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
-        from biovita.errors import MediaError
-
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         params = params or {}
         rank, k = params.get("rank", "species"), int(params.get("k", 5))
         paths = model_input["path"] if hasattr(model_input, "columns") else model_input
@@ -52,12 +59,6 @@ def log_model(run_id: str, tracking_uri: str, checkpoint: str, metrics: dict[str
     """Log `checkpoint` (a biovita folder) as the run's MLflow model `model`, attach the
     benchmark `metrics` to the logged model, and register it under `register`. Returns the
     model version (or the logged model when not registering)."""
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-
-    import biovita
-
     mlflow.set_tracking_uri(tracking_uri)
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "path")]),
@@ -68,22 +69,23 @@ def log_model(run_id: str, tracking_uri: str, checkpoint: str, metrics: dict[str
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=BioVITAPyfunc(), artifacts={"checkpoint": str(checkpoint)},
-            code_paths=[str(Path(biovita.__file__).parent)], pip_requirements=requirements,
+            code_paths=[str(LIBRARY)], pip_requirements=requirements,
             signature=signature, metadata={"biovita_checkpoint": str(checkpoint)})
         if metrics:
             mlflow.log_metrics(metrics, model_id=info.model_id)
     client.update_run(run_id, status=run.info.status)  # as it was (the job ends it itself)
     if not register:
         return info
-    version = mlflow.register_model(info.model_uri, register)
+    # (MLflow prints "Successfully registered model ..." and "Created version ..." to stderr:
+    # the job says which version it registered, once; MLflow's warnings use its logger)
+    with contextlib.redirect_stderr(io.StringIO()):
+        version = mlflow.register_model(info.model_uri, register)
     for k, v in metrics.items():
         client.set_model_version_tag(register, version.version, k, f"{v:.4f}")
     return version
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, requires
-
     try:
         return [r.split(";")[0].strip() for r in requires("biovita") or [] if "extra ==" not in r]
     except PackageNotFoundError:

@@ -33,11 +33,12 @@ from biovita.data.vectors import Vectors
 from biovita.embed.cache import prompt_embeddings, store_embeddings
 from biovita.locations import absolute
 from biovita.models.checkpoint import front_ends, load_model, save_model
-from biovita.models.factory import create_model
+from biovita.models.factory import RandomTowerWarning, create_model
 from biovita.prompts import LEVEL_TEMPLATES, TEMPLATES, Taxon
+from biovita.runtime import interactive
 from biovita.tracking.runs import Tracker
 from biovita.train.loop import StageJob, train_loop_per_worker
-from biovita.train.stages import PlanInputs, Stage, get_stage
+from biovita.train.stages import STAGE0, PlanInputs, Stage, get_stage
 
 
 def run_dir(cfg: Config) -> str:
@@ -238,7 +239,7 @@ def run_stage(cfg: Config, stage: Stage | str, init: str, tracker: Tracker,
     job = StageJob(config=cfg, stage=stage.name, steps_per_epoch=steps, init_checkpoint=init,
                    export_to=out, taxa=trained_taxa(cfg.data.root), mlflow=child,
                    report_every_log=report_every_log, progress_to=progress_uri(cfg, stage.name),
-                   callbacks=list(step_callbacks or []))
+                   callbacks=list(step_callbacks or []), interactive=interactive())
     frozen_ref = ray.put(frozen) if frozen else None  # once, not per restart
     trainer = _trainer(cfg, stage, job, StageData(cfg, stage.name, init, frozen_ref, forwarded_env()),
                        callbacks, worker_env)
@@ -317,10 +318,19 @@ def save_init(cfg: Config) -> str:
     if not stage_done(cfg, "init"):
         m = cfg.model
         # random towers (and adapters) drawn from train.seed: runs with equal seeds start alike
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RandomTowerWarning)
             torch.manual_seed(cfg.train.seed)
             model = (load_model(m.init_checkpoint, clap=m.clap or None, model=m)
                      if m.init_checkpoint else create_model(m))
+        random = [str(w.message).split(" tower")[0] for w in caught if w.category is RandomTowerWarning]
+        for w in caught:
+            if w.category is not RandomTowerWarning:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if random:
+            why = "; stage 0 trains the image-text base" if STAGE0.runs(cfg) else ""
+            print(f"[init] model {m.name}: the {' and '.join(random)} tower(s) start from random "
+                  f"weights{why}", flush=True)
         with tempfile.TemporaryDirectory() as d:
             save_model(model, d, metadata={"stage": "init"})
             upload_dir(d, uri)

@@ -30,7 +30,7 @@ class StagedAdamW(torch.optim.AdamW):
 
     A group that is not active yet is skipped entirely: no update, no weight decay and no
     optimizer state, so that on its first active step it starts with fresh moments, as a group
-    that `add_param_group` adds at that step does (METHOD.md, phase 2). Under DeepSpeed ZeRO
+    that `add_param_group` adds at that step does (docs/method.md, phase 2). Under DeepSpeed ZeRO
     the groups are flat fp32 partitions, one per group: skipping a group skips its partition."""
 
     @torch.no_grad()

@@ -1,6 +1,8 @@
 """The main job: validate the config, train every stage, benchmark, print the results.
 
 `python ray_jobs/train.py [--config NAME|FILE] [key=value ...]` and `biovita train` both land here.
+The training and benchmark modules (torch, Ray) are imported when the job runs: `--help` and a
+config error answer at once.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ def check_data(cfg, bench: bool = True):
 
 
 def run(cfg, bench: bool = True) -> str | None:
+    from biovita.runtime import configure_output, init_ray, quiet_libraries
+
+    quiet_libraries()  # before DeepSpeed, MLflow and Ray are imported: they speak at import
     from biovita.data.stats import media_stats
-    from biovita.runtime import configure_output, init_ray
     from biovita.train.chain import run_chain
     from biovita.train.stages import stages_to_run
     from biovita.train.driver import dataset_fingerprint, run_dir, save_init
@@ -139,7 +143,8 @@ def run_benchmarks(cfg, models: dict[str, str], tracker) -> str:
             scored.setdefault(split, {})[stage.name] = evaluate(
                 bench, models[stage.name], local / "features" / stage.name, use_gpu=cfg.train.use_gpu,
                 json_out=local / f"results_{name}{suffix}.json", logger=tracker.parent,
-                prefix=f"bench_{name}{suffix}", title=f"BioVITA Bench ({split}) - {name}")
+                prefix=f"bench_{name}{suffix}", title=f"BioVITA Bench ({split}) - {name}",
+                table=stage is stages[-1])  # the earlier stages: in the summary, the JSON, MLflow
     final_stage = stages[-1].name
     print()
     print(format_summary(scored))

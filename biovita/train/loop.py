@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import shutil
 import tempfile
@@ -24,10 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import pyarrow.fs as pafs
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 from biovita.bench.validation import ValidationSet, score
+from biovita.data.datasets import TorchCollate
+from biovita.data.stats import bad_media_counts, record_node
 from biovita.config import Config
 from biovita.data.store import fetch_dir, filesystem
 from biovita.errors import CheckpointError
@@ -54,6 +61,7 @@ class StageJob:
     mlflow: RunLogger | None = None  # the stage's run: rank 0 logs there
     report_every_log: bool = False  # a metrics-only report per log line (Tune's ASHA)
     progress_to: str = ""  # where rank 0 notes the epoch of each persisted checkpoint
+    interactive: bool = False  # a person watches the driver's terminal: a progress bar, not lines
     callbacks: list[Callable[["StepInfo"], None]] = field(default_factory=list)  # after each step
 
 
@@ -73,25 +81,17 @@ class RayTrainIO:
     """The worker's side of Ray Train."""
 
     def __init__(self) -> None:
-        import ray.train
-
-        from biovita.data.stats import record_node
-
         self.train = ray.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         record_node("train")
 
     def device(self, use_gpu: bool) -> torch.device:
-        import ray.train.torch
-
         return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
     def batches(self, batch_size: int, prefetch: int) -> Iterator[dict]:
         """The worker's shard of the stage's stream: each epoch already in a uniformly random
         order (`biovita.data.datasets.stream_dataset`), so no shuffle buffer here."""
-        from biovita.data.datasets import TorchCollate
-
         shard = self.train.get_dataset_shard("train")
         return iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=TorchCollate(),
                                              drop_last=True, prefetch_batches=prefetch))
@@ -100,8 +100,6 @@ class RayTrainIO:
         """The stage's checkpoints to resume from, newest first, each a context manager giving
         a local folder: Ray Train's latest, then the older ones it kept beside it (for when the
         latest is damaged)."""
-        import pyarrow.fs as pafs
-
         latest = self.train.get_checkpoint()
         if latest is None:
             return
@@ -118,8 +116,6 @@ class RayTrainIO:
         self.train.report(metrics, checkpoint=ck)
 
     def skipped_media(self) -> dict[str, float]:
-        from biovita.data.stats import bad_media_counts
-
         try:
             bad = bad_media_counts()["bad"]
         except Exception:  # no stats actor (a bare Ray Train run): nothing to add
@@ -305,8 +301,6 @@ class StageRun:
     def _first_step(self, micro: list[dict]) -> dict[str, torch.Tensor]:
         """The first step, where torch.compile compiles: a failure names the towers and the
         way out; graph breaks (parts left to eager mode) are said, not hidden."""
-        from torch._dynamo.utils import counters
-
         try:
             parts = self._train_step(micro)
         except Exception as e:  # (dynamo's and inductor's errors have no common base class)
@@ -445,14 +439,34 @@ class StageRun:
         steps, self.step_log = self.step_log, []
         if self.io.rank != 0:
             return
+        self._progress(self.last_metrics)
         m = self.last_metrics
-        eta = self.meter.eta(s["step"], self.total_steps)
-        print(f"[{self.stage.name}] step {s['step']}/{self.total_steps} loss {m['loss']:.4f} "
-              f"{m['samples_per_s']:.1f} samples/s (data wait {m['data_wait']:.0%}) "
-              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
         if self.logger:
             self.logger.metrics({**m, **self.io.skipped_media()}, step=s["step"])
             self.logger.step_metrics(_host(steps))
+
+    def _progress(self, m: dict) -> None:
+        """In a terminal, the stage's bar (Ray's, drawn by the driver); in a log file, a line
+        at the first logging step, then about every tenth of the stage, and at the end."""
+        step = self.state["step"]
+        text = (f"loss {m['loss']:.4f} {m['samples_per_s']:.1f} samples/s "
+                f"(data wait {m['data_wait']:.0%})")
+        if self.job.interactive:
+            if not hasattr(self, "bar"):
+                from ray.experimental.tqdm_ray import tqdm
+
+                self.bar = tqdm(total=self.total_steps, desc=f"[{self.stage.name}]", unit="step")
+                self.bar.update(step)
+            self.bar.update(step - self.bar.n)
+            self.bar.set_description(f"[{self.stage.name}] {text}")
+            if step >= self.total_steps:
+                self.bar.close()
+            return
+        every = max(self.cfg.train.log_every, self.total_steps // 10)
+        if step == self.meter.first_log or step >= self.total_steps or step % every < self.cfg.train.log_every:
+            eta = self.meter.eta(step, self.total_steps)
+            print(f"[{self.stage.name}] step {step}/{self.total_steps} {text} "
+                  f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
 
     def _save(self, metrics: dict, final: bool = False) -> None:
         """Checkpoint (every rank its shard), report it, and at the end export the model."""
@@ -490,6 +504,7 @@ class _Meter:
         self.samples_per_step = samples_per_step
         self.values: dict[str, list[torch.Tensor]] = {}
         self.wait, self.steps = 0.0, 0
+        self.first_log: int | None = None  # the step of the first window (the first line)
         self.t_last, self.step_last = time.time(), step
         self.t_start, self.step_start = self.t_last, step
 
@@ -516,6 +531,7 @@ class _Meter:
         out.update(samples_per_s=(step - self.step_last) * self.samples_per_step / dt,
                    data_wait=self.wait / dt)
         self.values, self.wait, self.t_last, self.step_last = {}, 0.0, now, step
+        self.first_log = step if self.first_log is None else self.first_log
         return out
 
     def eta(self, step: int, total: int) -> float:
@@ -525,8 +541,6 @@ class _Meter:
 
 def write_progress(uri: str, state: dict) -> None:
     """Where the last checkpoint stands in the data: the next (re)start streams from here."""
-    import json
-
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:

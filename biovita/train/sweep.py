@@ -255,7 +255,9 @@ def _tuner(spec: SweepSpec, base: Config, trainable):
 def run_sweep(spec: SweepSpec, base: Config) -> dict:
     from ray import tune
 
-    from biovita.runtime import configure_output, init_ray
+    from biovita.runtime import configure_output, init_ray, quiet_libraries
+
+    quiet_libraries()  # before DeepSpeed, MLflow and Ray are imported: they speak at import
     from biovita.tracking.runs import Tracker
     from biovita.train.job import check_data
 

@@ -1,4 +1,4 @@
-"""Every change biovita makes to Ray Data's internals, in one place, for one Ray version.
+"""Every change biovita makes to Ray's internals, in one place, for one Ray version.
 
 Each patch goes in through a public hook where Ray has one (`DataContext.set_config`, execution
 callbacks) but relies on internal classes or constants; `tests/test_ray_patches.py` fails when
@@ -15,10 +15,12 @@ import ray
 RAY_VERSION = "2.60.0"
 if ray.__version__ != RAY_VERSION:
     raise ImportError(
-        f"biovita's Ray Data patches (biovita/data/ray_patches.py) were written for Ray "
+        f"biovita's Ray patches (biovita/ray_patches.py) were written for Ray "
         f"{RAY_VERSION}; this environment has Ray {ray.__version__}. Install ray=={RAY_VERSION} "
         "(the pin in pyproject.toml), or port the patches and their tests to the new version.")
 
+
+from ray._private.ray_logging import global_worker_stdstream_dispatcher  # noqa: E402
 from ray.data._internal.execution import streaming_executor_state  # noqa: E402
 from ray.data._internal.execution.backpressure_policy import (  # noqa: E402
     ENABLED_BACKPRESSURE_POLICIES,
@@ -99,3 +101,41 @@ def shorten_completion_wait() -> None:
     name = "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"
     current = getattr(streaming_executor_state, name)
     setattr(streaming_executor_state, name, min(current, COMPLETION_WAIT_S))
+
+
+# Lines worker processes print that no logging filter reaches (C++ core logs, prints), each
+# with why a user of biovita can do nothing with it; dropped from what the driver prints of
+# its workers' output (they stay in the workers' log files).
+FORWARDED_NOISE = {
+    "has constructor arguments in the object store and max_restarts > 0":
+        "Ray's core worker logs it at ERROR for every Ray Data actor pool and Ray Train's "
+        "preemption watcher, which it creates itself",
+    "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully":
+        "DeepSpeed's CPU collectives loaded from the JIT cache",
+}
+
+
+def _quiet(data: dict) -> dict:
+    lines = [line for line in data.get("lines", []) if not any(n in line for n in FORWARDED_NOISE)]
+    return {**data, "lines": lines}
+
+
+def quiet_forwarded_lines() -> None:
+    """Replace this driver's printer of its workers' output by one that drops
+    `FORWARDED_NOISE` (a no-op where the driver does not print them, `log_to_driver=False`)."""
+    handlers = dict(global_worker_stdstream_dispatcher.handlers)
+    printer = handlers.get("ray_print_logs")
+    if printer is None or getattr(printer, "biovita_quiet", False):
+        return
+
+    def quiet_printer(data: dict) -> None:
+        data = _quiet(data)
+        if data["lines"]:
+            printer(data)
+
+    quiet_printer.biovita_quiet = True
+    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    global_worker_stdstream_dispatcher.add_handler("ray_print_logs", quiet_printer)
+
+
+
