@@ -11,8 +11,10 @@ OGG at 22-48 kHz, 1-12 MP JPEG photos). Two paths, each timed on the same files 
   reference: as the authors' stage-2 loader: the file's info, then a load of only the crop's
   frames (the whole file where the decoder cannot seek: AAC), resampled, ClapFeatureExtractor.
 Images on both paths: the reference is a full PIL decode + open_clip's transform.
-(b) runs biovita's decode functions (same decoders, windowed decoding, crop, resample,
-log-mel; the same image decode and resize) in a process pool, one process per core; its runs
+Both biovita paths ship clips as float16 waveforms (the log-mel is computed on the training
+device); the consumer drains whole rows, as the trainer does.
+(b) runs biovita's decode functions (same decoders, windowed decoding, crop, resample, the
+float16 waveform; the same image decode and resize) in a process pool, one process per core; its runs
 alternate with the pipeline's and the ratio is the median of the pairs (this machine's speed
 drifts by 10-20 % within minutes). Each throughput is the median of --repeat runs. Memory: the
 summed PSS of the process tree (driver + every Ray worker) at 1x and --scale x rows.
@@ -73,8 +75,18 @@ class PeakMemory:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def _drain(ds, column: str) -> int:
-    return sum(len(b[column]) for b in ds.select_columns([column]).iter_batches(batch_size=64))
+BYTES: dict[str, float] = {}  # table -> bytes per decoded row the stream hands its consumer
+
+
+def _drain(ds, table: str) -> int:
+    """Consume whole rows, as the trainer does (every column crosses the object store)."""
+    n = 0
+    for b in ds.iter_batches(batch_size=16, batch_format="numpy"):
+        n += len(b["id"])
+        if b["id"].size and table not in BYTES:
+            BYTES[table] = sum(v.nbytes if v.dtype != object else sum(len(x) for x in v)
+                               for v in b.values()) / len(b["id"])
+    return n
 
 
 def pipeline(root: str, table: str, path: str, cpus: int, ids: list[str], epochs: int = 1
@@ -97,7 +109,7 @@ def pipeline(root: str, table: str, path: str, cpus: int, ids: list[str], epochs
         ds = stream_dataset(root, table, spec, {e: {i: 1 for i in ids} for e in range(epochs)},
                             batch_size=16, seed=0,
                             num_cpus=1.0, decoders=cpus, ahead_mb=512)
-    return _drain(ds, "id"), time.perf_counter() - t
+    return _drain(ds, table), time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------- (a) the authors' pattern
@@ -202,22 +214,47 @@ def _same_work(job: tuple[str, str, str]) -> int:
     import numpy as np
     import torch
 
+    from biovita.data.decode import WAVE_DTYPE
     from biovita.errors import MediaError
-    from biovita.frontends.audio import AudioFrontEnd, load_clip, log_mel
+    from biovita.frontends.audio import AudioFrontEnd, load_clip
     from biovita.frontends.image import ImageFrontEnd, load_image
 
     torch.set_num_threads(1)
     path, table, mode = job
     data = Path(path).read_bytes()
     try:
-        if table == "audio":
-            fe = AudioFrontEnd()
-            log_mel(fe)(load_clip(data, fe, mode, np.random.default_rng(0)))
+        if table == "audio":  # what the decoders ship: the crop as a float16 waveform
+            load_clip(data, AudioFrontEnd(), mode, np.random.default_rng(0)).astype(WAVE_DTYPE)
         else:
             load_image(data, ImageFrontEnd())
     except MediaError:
         return 0
     return 1
+
+
+def work_split(files: list[str], n: int = 40) -> dict:
+    """One process, one thread: CPU seconds per 10 s training crop for decoding + cropping +
+    resampling (the decoders' work) and for the log-mel (now the training device's)."""
+    import numpy as np
+    import torch
+
+    from biovita.errors import MediaError
+    from biovita.frontends.audio import AudioFrontEnd, load_clip, log_mel
+
+    torch.set_num_threads(1)
+    fe, decode, mel, done = AudioFrontEnd(), 0.0, 0.0, 0
+    for f in files[:n]:
+        data = Path(f).read_bytes()
+        t = time.process_time()
+        try:
+            wave = load_clip(data, fe, "random", np.random.default_rng(0))
+        except MediaError:
+            continue
+        t2 = time.process_time()
+        log_mel(fe)(wave)
+        decode, mel, done = decode + t2 - t, mel + time.process_time() - t2, done + 1
+    return {"clips": done, "decode_s_per_clip": decode / done, "log_mel_s_per_clip": mel / done,
+            "log_mel_share": mel / (decode + mel)}
 
 
 def same_work(files: list[str], table: str, path: str, pool) -> tuple[int, float]:
@@ -346,9 +383,14 @@ def main():
     for path in paths:
         results[path]["memory_ratio"] = memory_ratio(path, root, str(big), ids, big_ids, a.cpus)
     ray.shutdown()
+    split = work_split(files["audio"])
     print(f"profile {a.profile}: {len(files['audio'])} clips, {len(files['image'])} images, {a.cpus} CPUs; "
           f"median of {a.repeat} runs")
-    report = {}
+    print(f"per 10 s training crop, one core: decode + crop + resample {1000 * split['decode_s_per_clip']:.0f} ms, "
+          f"log-mel {1000 * split['log_mel_s_per_clip']:.0f} ms ({split['log_mel_share']:.0%}: on the "
+          f"training device now); bytes per row to the consumer: "
+          + ", ".join(f"{t} {v / 2**20:.2f} MB" for t, v in sorted(BYTES.items())))
+    report = {"work_split": split, "mb_per_row": {t: v / 2**20 for t, v in BYTES.items()}, "cpus": a.cpus}
     for path, r in results.items():
         print(f"[{path}]{'':<10}{'pipeline':>10}{'(a) ref':>10}{'(b) same':>10}{'vs (a)':>9}{'(b)/us':>9}")
         for table in ("audio", "image"):
@@ -357,7 +399,13 @@ def main():
                   f"{e['vs_reference']:>8.2f}x{e['vs_same_work']:>8.2f}x")
         print(f"  peak memory (PSS) at {a.scale}x rows / 1x: {r['memory_ratio']:.2f}   "
               "(targets: vs (a) >= 3x, (b) within 1.25x, memory < 1.2)")
+        print(f"  per core: audio {r['audio']['pipeline'] / a.cpus:.1f} clips/s, images "
+              f"{r['image']['pipeline'] / a.cpus:.1f}/s")
         report[path] = {"audio_vs_reference": r["audio"]["vs_reference"],
+                        "audio_per_core": r["audio"]["pipeline"] / a.cpus,
+                        "images_per_core": r["image"]["pipeline"] / a.cpus,
+                        "audio_vs_same_work": r["audio"]["vs_same_work"],
+                        "images_vs_same_work": r["image"]["vs_same_work"],
                         "images_vs_reference": r["image"]["vs_reference"],
                         "vs_same_work_loop": max(r["audio"]["vs_same_work"], r["image"]["vs_same_work"]),
                         "memory_ratio": r["memory_ratio"],

