@@ -132,7 +132,7 @@ def test_a_slow_consumer_holds_decoding_back_without_spinning(ray_local, synth_s
         if now == before:
             break
     assert now == before, "decoding never paused for the slow consumer"
-    assert now < epochs * len(plan) / 4  # 32 MB is ~130 clips of 256 KB, plus tasks in flight
+    assert now < epochs * len(plan) / 4  # 32 MB is ~35 clips of 0.96 MB (10 s of float16 at 48 kHz), plus tasks in flight
     cpu = time.process_time()
     time.sleep(2)
     assert time.process_time() - cpu < 1.0  # the executor waits, it does not spin
@@ -174,29 +174,6 @@ def test_decode_tasks_gather_small_row_groups_but_keep_every_decoder_busy(synth_
     assert [len(t) for t in decode_tasks(small, 8)] == [3] * 13 + [1]  # >= 2 tasks a decoder
     assert [g for t in decode_tasks(small, 2) for g in t] == small  # order kept, none lost
     assert decode_tasks([], 2) == []
-
-
-def test_single_pass_shortens_the_executor_completion_wait(ray_local, synth_store):
-    """Ray Data's loop waits up to 0.1 s for every running task; single passes lower that."""
-    from ray.data._internal.execution import streaming_executor_state
-
-    from biovita.ray_patches import COMPLETION_WAIT_S
-
-    root, _ = synth_store
-    audio_dataset(str(root), AudioDecodeSpec(mode="onset", prompts="none", stats_name=None), split=None)
-    assert streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == COMPLETION_WAIT_S
-
-
-def test_ray_patches_refuse_another_ray_version():
-    """The Ray-internal patches were written for one Ray version: on another, importing them
-    says so (and what to do) instead of misbehaving."""
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", "import ray; ray.__version__ = '9.9.9'; "
-                        "import biovita.ray_patches"], capture_output=True, text=True)
-    assert r.returncode != 0
-    assert "written for Ray 2.60.0; this environment has Ray 9.9.9" in r.stderr
 
 
 def test_segments_are_whole_batches_and_keep_every_decoder_busy():

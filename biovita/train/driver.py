@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from biovita.bench.validation import held_out_ids
@@ -301,6 +301,9 @@ def _trainer(cfg: Config, stage: Stage, job: StageJob, data: StageData, callback
             storage_path=storage,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # Ray Train's INFO lines (worker group starts, checkpoint reports) every restart and
+            # checkpoint; retries and failures are WARNING and above
+            logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": {**forwarded_env(), **worker_output_env(cfg),
                                              **(worker_env or {})}},
