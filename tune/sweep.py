@@ -1,4 +1,4 @@
-"""Ray Tune sweep: `python tune/sweep.py [--space tune/spaces/default.yaml] [key=value ...]`."""
+"""Ray Tune sweep: `python tune/sweep.py [--space NAME_OR_FILE] [key=value ...]` (the default space: biovita/configs/sweeps/default.yaml)."""
 
 import sys
 
