@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 
 # Not yet reliable inside the suite on the 2-core CI machine: with the session's Ray instance
 # beside them, the node-loss run's state API call finds no dashboard in the simulated cluster
-# and `ray list` answers the head fixture with no JSON. Each passes run alone
-# (`python tests/node_loss_run.py STORE OUT`); issue #30 stays open until they pass here.
+# and `ray list` answers the head fixture with no JSON. The node-loss run passed alone
+# (`python tests/node_loss_run.py STORE OUT`); issue #30 stays open until all pass here.
 pytestmark = [pytest.mark.slow, pytest.mark.skip(reason="unreliable in the full suite on 2 cores; issue #30")]
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
