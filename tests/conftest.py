@@ -49,6 +49,20 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def gloo():
+    """A one-rank gloo process group in this process (DeepSpeed engines outside Ray Train)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1", DS_ACCELERATOR="cpu")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     from biovita.models.factory import create_model
 

@@ -4,8 +4,6 @@ step with non-finite gradients applied with zero gradients; another version refu
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 
@@ -15,17 +13,7 @@ import torch
 from biovita.train import deepspeed_patches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1", DS_ACCELERATOR="cpu")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+pytestmark = pytest.mark.usefixtures("gloo")
 
 
 @pytest.fixture

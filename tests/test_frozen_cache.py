@@ -5,8 +5,6 @@ one that runs the tower."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -69,19 +67,7 @@ def test_prompt_cache_equals_the_text_tower(ray_local, store, tiny_checkpoint):
     assert prompt_embeddings(store, tiny_checkpoint, list(reversed(prompts))).seconds == 0
 
 
-def _process_group() -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1", DS_ACCELERATOR="cpu")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-
-
-def test_a_stage_reading_the_cache_trains_as_one_running_the_tower(ray_local, store, tmp_path,
+def test_a_stage_reading_the_cache_trains_as_one_running_the_tower(ray_local, store, tmp_path, gloo,
                                                                   monkeypatch):
     """Stage 1 with the prompts' cached embeddings (`text_emb`) against stage 1 running the
     frozen text tower on the prompts in every step: the same loss and the same audio-tower
@@ -91,7 +77,6 @@ def test_a_stage_reading_the_cache_trains_as_one_running_the_tower(ray_local, st
     from biovita.train import stages
     from biovita.train.loop import LocalIO, StageJob, StageRun
 
-    _process_group()
     model = create_model("tiny")
     model.arch["audio_config"]["hidden_dropout_prob"] = 0.0
     init = str(save_model(model, tmp_path / "init"))

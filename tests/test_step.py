@@ -5,8 +5,6 @@ towers a stage runs."""
 from __future__ import annotations
 
 import collections
-import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -16,21 +14,8 @@ import torch
 B = 4
 
 
-def _init_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE="1", DS_ACCELERATOR="cpu")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-
-
 @pytest.fixture(scope="module")
-def init(tmp_path_factory) -> str:
+def init(tmp_path_factory, gloo) -> str:
     """A tiny model without dropout (HTS-AT's MLPs draw new masks per forward, and compiled
     code draws them from another generator): eager and compiled steps compute alike."""
     from biovita.models.checkpoint import save_model
@@ -40,7 +25,6 @@ def init(tmp_path_factory) -> str:
     model.arch["audio_config"]["hidden_dropout_prob"] = 0.0
     path = tmp_path_factory.mktemp("step") / "init"
     save_model(model, path)
-    _init_process_group()
     return str(path)
 
 
