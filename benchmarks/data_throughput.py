@@ -72,6 +72,48 @@ class PeakMemory:
         self.t.join()
 
 
+class CpuAccount:
+    """CPU seconds, by role, of this process and its descendants (Ray's own processes and
+    workers) while a path runs: where the cores go when the pipeline trails the bare pool."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.used = psutil.Process(), {}
+
+    def _role(self, p) -> str:
+        if p.pid == self.proc.pid:
+            return "driver"
+        title = (p.cmdline() or [p.name()])[0]
+        if title.startswith("ray::"):
+            return "ray workers"
+        if "forkserver" in " ".join(p.cmdline()) or "multiprocessing" in " ".join(p.cmdline()):
+            return "bare pool"
+        return "ray system"  # raylet, GCS, agents, the log monitor
+
+    def _snapshot(self) -> dict:
+        import psutil
+
+        out = {}
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                out[p.pid] = (self._role(p), t.user + t.system)
+            except psutil.Error:
+                pass
+        return out
+
+    def __enter__(self):
+        self.t0, self.before = time.perf_counter(), self._snapshot()
+        return self
+
+    def __exit__(self, *exc):
+        after, wall = self._snapshot(), time.perf_counter() - self.t0
+        for pid, (role, cpu) in after.items():
+            self.used[role] = self.used.get(role, 0.0) + cpu - self.before.get(pid, (role, 0.0))[1]
+        self.used["wall"] = wall
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 
@@ -329,12 +371,17 @@ def measure_path(path: str, root: str, files: dict, ids: dict, pool, a) -> dict:
         ref_ds = RefAudio(items, crop=path == "stream") if table == "audio" else RefImage(items)
         ref = rate(lambda: reference(ref_ds, a.cpus), a.repeat)
         pipeline(root, table, path, a.cpus, ids[table])  # warm-up: workers, imports
-        pairs = [(rate(lambda: same_work(items, table, path, pool), 1),
-                  rate(lambda: pipeline(root, table, path, a.cpus, ids[table], epochs), 1))
-                 for _ in range(a.repeat)]
+        pairs, cpu = [], CpuAccount()
+        for _ in range(a.repeat):
+            b = rate(lambda: same_work(items, table, path, pool), 1)
+            with cpu:
+                pairs.append((b, rate(lambda: pipeline(root, table, path, a.cpus, ids[table], epochs), 1)))
         ours = statistics.median(x for _, x in pairs)
         out[table] = {"pipeline": ours, "reference": ref, "same_work": statistics.median(b for b, _ in pairs),
-                      "vs_reference": ours / ref, "vs_same_work": statistics.median(b / x for b, x in pairs)}
+                      "vs_reference": ours / ref, "vs_same_work": statistics.median(b / x for b, x in pairs),
+                      # the last run's CPU seconds by role, as shares of its wall x cores
+                      "cpu_share": {k: v / (cpu.used["wall"] * a.cpus) for k, v in cpu.used.items()
+                                    if k != "wall"}}
     return out
 
 
@@ -401,6 +448,9 @@ def main():
               "(targets: vs (a) >= 3x, (b) within 1.25x, memory < 1.2)")
         print(f"  per core: audio {r['audio']['pipeline'] / a.cpus:.1f} clips/s, images "
               f"{r['image']['pipeline'] / a.cpus:.1f}/s")
+        for table in ("audio", "image"):
+            print(f"  {table} cores' time: " + ", ".join(
+                f"{k} {v:.0%}" for k, v in sorted(r[table]["cpu_share"].items(), key=lambda kv: -kv[1])))
         report[path] = {"audio_vs_reference": r["audio"]["vs_reference"],
                         "audio_per_core": r["audio"]["pipeline"] / a.cpus,
                         "images_per_core": r["image"]["pipeline"] / a.cpus,
@@ -409,6 +459,7 @@ def main():
                         "images_vs_reference": r["image"]["vs_reference"],
                         "vs_same_work_loop": max(r["audio"]["vs_same_work"], r["image"]["vs_same_work"]),
                         "memory_ratio": r["memory_ratio"],
+                        "cpu_share": {t: r[t]["cpu_share"] for t in ("audio", "image")},
                         "rates": {t: {k: r[t][k] for k in ("pipeline", "reference", "same_work")}
                                   for t in ("audio", "image")}}
     if a.json:

@@ -6,27 +6,52 @@ place with `ray start --address` (as the autoscaler starts one for a lost spot n
 Prints RESULT <json>."""
 
 import json
-import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import ray
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes(node) -> list[psutil.Process]:
+    """Every process of a node: its raylet and the workers and agents it started."""
+    raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    return [raylet, *raylet.children(recursive=True)]
+
+
+def _is_actor(p: psutil.Process) -> bool:
+    """A worker process that holds an actor (Ray names its process `ray::ClassName`)."""
+    try:
+        title = p.cmdline()[0] if p.cmdline() else p.name()
+    except psutil.NoSuchProcess:
+        return False
+    return title.startswith("ray::") and not title.startswith("ray::IDLE")
+
+
 def main(root: str, storage: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 300_000_000})
+    # Free ports, not Ray's defaults: the test session's own Ray instance holds those
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 300_000_000, "dashboard_port": _port(),
+        "dashboard_agent_listen_port": _port(), "metrics_export_port": _port(),
+        "runtime_env_agent_port": _port()})
     nodes = [cluster.add_node(num_cpus=2, resources={"trainer": 1}, object_store_memory=300_000_000)
              for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     ray.data.DataContext.get_current().enable_progress_bars = False
-
-    from ray.util.state import list_actors
 
     from biovita.config import load_config
     from biovita.data.stats import STATS_ACTOR, bad_media_counts, media_stats
@@ -45,7 +70,6 @@ def main(root: str, storage: str) -> None:
             "train.log_every=1"])
 
     media_stats(STATS_ACTOR)
-    list_actors()  # the state API's first answer is slow: not while the node is to be lost
     calm = config("calm")
     init = save_init(calm)
     t0 = time.time()
@@ -66,21 +90,24 @@ def main(root: str, storage: str) -> None:
                 pass
             time.sleep(0.2)
         victim = nodes[1]
-        pids = [a.pid for a in list_actors(filters=[("node_id", "=", victim.node_id), ("state", "=", "ALIVE")])]
-        for pid in pids:  # the training worker and the decode actors on it...
+        procs = _processes(victim)
+        actors = [p for p in procs if _is_actor(p)]  # the training worker, the decode actors
+        for p in procs:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
                 pass
-        cluster.remove_node(victim, allow_graceful=False)  # ...and its raylet, object store, agents
-        events.update(killed_at=time.time(), killed_actors=len(pids), lost_node=victim.node_id)
+        cluster.remove_node(victim, allow_graceful=False)  # and what Ray itself holds of it
+        events.update(killed_at=time.time(), killed_actors=len(actors), lost_node=victim.node_id)
         time.sleep(3)
         # Cluster.add_node needs the main thread (it sets signal handlers); the autoscaler's way
         # needs nothing of this process
         before = {n["NodeID"] for n in ray.nodes()}
         replacement.append(subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", f"--address={cluster.address}", "--block",
-             "--num-cpus=2", '--resources={"trainer": 1}', "--object-store-memory=300000000"],
+             "--num-cpus=2", '--resources={"trainer": 1}', "--object-store-memory=300000000",
+             f"--dashboard-agent-listen-port={_port()}", f"--metrics-export-port={_port()}",
+             f"--runtime-env-agent-port={_port()}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         while "replacement" not in events:
             new = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before]

@@ -17,11 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-# Not yet reliable inside the suite on the 2-core CI machine: with the session's Ray instance
-# beside them, the node-loss run's state API call finds no dashboard in the simulated cluster
-# and `ray list` answers the head fixture with no JSON. The node-loss run passed alone
-# (`python tests/node_loss_run.py STORE OUT`); issue #30 stays open until all pass here.
-pytestmark = [pytest.mark.slow, pytest.mark.skip(reason="unreliable in the full suite on 2 cores; issue #30")]
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -77,15 +73,20 @@ def head(tmp_path_factory):
 
 
 def _alive(head) -> tuple[list[str], list[str]]:
-    """The head's live actors and created placement groups (Ray's state API)."""
+    """What a job may leave behind (Ray's state API): its live actors and created placement
+    groups. Detached actors are Ray's own services (Ray Data's per-cluster helpers, Ray
+    Train's placement-group cleaner and usage collector), shared by jobs or ending in their
+    own time; biovita creates none, and any of its own (named `biovita-*`) counts."""
     out = {}
     for kind, state in (("actors", "ALIVE"), ("placement-groups", "CREATED")):
         r = subprocess.run([str(BIN / "ray"), "list", kind, "--address", head["dashboard"],
-                            "--filter", f"state={state}", "--format", "json", "--limit", "1000"],
-                           capture_output=True, text=True, env=head["env"], timeout=120)
+                            "--filter", f"state={state}", "--format", "json", "--limit", "1000",
+                            "--detail"], capture_output=True, text=True, env=head["env"], timeout=120)
         assert r.returncode == 0, r.stderr
-        out[kind] = json.loads(r.stdout or "[]")
-    return ([a.get("class_name", "") for a in out["actors"]],
+        # an empty answer is a sentence, not JSON
+        out[kind] = [] if "No resource in the cluster" in r.stdout else json.loads(r.stdout)
+    return ([a.get("class_name", "") for a in out["actors"]
+             if not a.get("is_detached") or (a.get("name") or "").startswith("biovita")],
             [p.get("placement_group_id", "") for p in out["placement-groups"]])
 
 
@@ -148,7 +149,9 @@ def test_a_lost_driver_resumes_when_the_same_command_runs_again(head, synth_stor
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:]
     m = re.search(r"\[stage1\] resumed from checkpoint at step (\d+)", out)
-    assert m and int(m.group(1)) >= 4, out[-3000:]
+    # killed right after step 4's checkpoint was written: Ray Train may not have registered
+    # it yet, and the one before it (step 2) is then the last
+    assert m and int(m.group(1)) >= 2, out[-3000:]
     client, parents, children = _stage_runs(tmp_path, "lost")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 1 and children[0].info.status == "FINISHED"
@@ -169,6 +172,7 @@ def test_a_stopped_job_resumes_when_submitted_again(head, synth_store, tmp_path)
     job = re.search(r"raysubmit_\w+", r.stdout + r.stderr)
     assert r.returncode == 0 and job, r.stdout + r.stderr
     _wait_for_step(tmp_path, "stopped", 2)
+    t_stop = time.time()
     stop = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", head["dashboard"], job.group(0)],
                           capture_output=True, text=True, env=head["env"], timeout=300)
     assert stop.returncode == 0, stop.stdout + stop.stderr
@@ -180,3 +184,4 @@ def test_a_stopped_job_resumes_when_submitted_again(head, synth_store, tmp_path)
     _, parents, children = _stage_runs(tmp_path, "stopped")
     assert len(parents) == 1 and len(children) == 1 and children[0].info.status == "FINISHED"
     assert _none_left(head) == ([], [])
+    print(f"job stopped: {time.time() - t_stop:.0f} s from the stop to the end of the resubmitted job")

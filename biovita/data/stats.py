@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from biovita.data.decode import STATS_ACTOR
 
@@ -49,9 +50,13 @@ _HANDLES: dict[str, Any] = {}
 
 def media_stats(name: str = STATS_ACTOR):
     """The named stats actor; the driver creates it and owns it (it ends with the job). The
-    handle is kept here: a named actor whose last handle goes away is destroyed."""
+    handle is kept here: a named actor whose last handle goes away is destroyed. It lives on
+    the driver's node, which the job cannot outlive anyway: on any other node, losing that
+    node lost the counts and failed the stage's end."""
     if name not in _HANDLES:
-        _HANDLES[name] = MediaStats.options(name=name, get_if_exists=True).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        _HANDLES[name] = MediaStats.options(name=name, get_if_exists=True,
+                                            scheduling_strategy=here).remote()
     return _HANDLES[name]
 
 
