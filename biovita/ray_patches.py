@@ -112,6 +112,9 @@ FORWARDED_NOISE = {
         "preemption watcher, which it creates itself",
     "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully":
         "DeepSpeed's CPU collectives loaded from the JIT cache",
+    "Reporting training result ":
+        "Ray Train logs every report's metrics at INFO, under a logger named by its file's path "
+        "that its LoggingConfig does not reach; the progress line and MLflow carry the numbers",
 }
 
 

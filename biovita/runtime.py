@@ -22,7 +22,7 @@ NOISE = {
         "biovita's StagedAdamW is torch's AdamW, skipping the groups that have not started",
     ("torch.utils.cpp_extension", "No CUDA runtime is found"):
         "DeepSpeed's CPU collectives build on a machine without CUDA, as they should",
-    ("ray.data", "Progress bars disabled"):
+    ("ray.data._internal.progress", "Progress bars disabled"):
         "off on purpose where output goes to a file; the trainer's progress line reports the stream",
     ("ray", "Token authentication is enabled for this Ray cluster"):
         "the local instance's token is Ray's own; a cluster's client sets RAY_AUTH_MODE (docs/cluster.md)",
@@ -30,8 +30,10 @@ NOISE = {
         "the model class is biovita's own, and its code travels with the model (code_paths)",
 }
 # Loggers whose INFO lines narrate a library's own steps (a dataset's execution plan, MLflow
-# creating its tables): warnings and errors still show.
+# creating its tables): warnings and errors still show. Ray Data sets its loggers' level
+# again each time a worker runs a dataset, except where RAY_DATA_LOG_LEVEL says it.
 NARRATORS = ("ray.data", "mlflow.store.db.utils", "mlflow.tracking._model_registry")
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 
 
 class _Drop(logging.Filter):
@@ -56,6 +58,8 @@ def quiet_libraries() -> None:
                 handler.addFilter(_Drop(tuple(starts)))
     for name in NARRATORS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for k, v in QUIET_ENV.items():  # a user's own setting wins
+        os.environ.setdefault(k, v)
     # an input example would be a media file that exists only on the machine that logs it
     import warnings
 
@@ -91,7 +95,8 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         return
     quiet_libraries()
     env = kwargs.pop("runtime_env", None) or {}
-    kwargs["runtime_env"] = {**env, "worker_process_setup_hook": "biovita.runtime.quiet_worker"}
+    kwargs["runtime_env"] = {**env, "worker_process_setup_hook": "biovita.runtime.quiet_worker",
+                             "env_vars": {**{k: os.environ[k] for k in QUIET_ENV}, **env.get("env_vars", {})}}
     address = os.environ.get("RAY_ADDRESS")
     if address == "local":  # a new local instance even where another runs (benchmarks, tests)
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, **kwargs)
