@@ -34,7 +34,13 @@ from pathlib import Path
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 NAMES = ["Aves Passeriformes Paridae Parus major with common name great tit", "Hyla arborea",
          "Rana temporaria with common name common frog", "Bubo bubo", "Gryllus campestris"]
-STAGES = ("stage1", "stage2.phase2")
+
+
+def stages() -> tuple[str, str]:
+    """The stages measured: stage 1 and phase 2 (imported late: `--help` stays instant)."""
+    from biovita.train.stages import PHASE2, STAGE1
+
+    return STAGE1.name, PHASE2.name
 
 
 def peak_flops(device) -> float | None:
@@ -145,7 +151,7 @@ def bare_loop(stage: str, init: str, batch: int, device: str, compiled: bool):
     params = [p for g in groups for p in g["params"]]
     if compiled:
         model.audio.compile()
-        if stage != "stage1":
+        if "text" not in st.frozen:  # phase 2 trains the text tower
             model.clip.transformer.compile()
     tok = model.tokenizer()
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
@@ -155,7 +161,7 @@ def bare_loop(stage: str, init: str, batch: int, device: str, compiled: bool):
             tokens = tok(b["text"]).to(device)
             a = torch.nn.functional.normalize(model.encode_audio(b["mel"].to(device)).float(), dim=-1)
             scale = model.logit_scale.exp().float()
-            if stage == "stage1":
+            if "text" in st.frozen:  # stage 1
                 with torch.no_grad():  # the frozen text tower, every step
                     t = model.encode_text(tokens).float()
                 loss = losses.atc(a, t, scale)
@@ -323,7 +329,7 @@ def precision(init: str, model: str, out: Path, device: str, data: list[dict], s
     rows = {}
     for prec in ("bf16", "fp32"):
         logged = []
-        run = stage_run("stage2.phase2", init, model, len(same[0]["text"]), steps, out, device, same,
+        run = stage_run(stages()[1], init, model, len(same[0]["text"]), steps, out, device, same,
                         prec, compile=False)
         run.job.callbacks.append(  # this step's scalars: the last of the meter's window
             lambda info, run=run: logged.append({k: float(v[-1]) for k, v in run.meter.values.items()}))
@@ -358,13 +364,13 @@ def main() -> None:
 
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
               "model": a.model, "torch": torch.__version__, "rows": []}
-    sizes = dict(zip(STAGES, (int(x) for x in a.batches.split(","))))
+    sizes = dict(zip(stages(), (int(x) for x in a.batches.split(","))))
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
         save_model(create_model(a.model), out / "init")
         init = str(out / "init")
         frozen = load_biovita(init).to(device).eval()
-        for stage in STAGES:
+        for stage in stages():
             for batch in [sizes[stage]] + ([a.large] if a.large else []):
                 data = batches(a.steps + 5, batch, frozen)
                 for fn in (lambda: time_biovita(stage, init, a.model, batch, a.steps, out, device, data),
@@ -378,7 +384,7 @@ def main() -> None:
         if device == "cuda":
             src = batches(2, 8, frozen)
             report["largest_batch"] = {s: largest_batch(s, init, a.model, out, max(a.large, sizes[s]),
-                                                        a.max_batch, src) for s in STAGES}
+                                                        a.max_batch, src) for s in stages()}
         report["front_end"] = front_end(device)
         report["precision"] = precision(init, a.model, out, device, batches(1, 8, frozen))
     print(json.dumps(report, indent=1))

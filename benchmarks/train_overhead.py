@@ -132,6 +132,7 @@ def real(init: str, steps: int, warmup: int, batch: int, log_every: int) -> floa
     from biovita.config import load_config
     from biovita.train.driver import worker_output_env
     from biovita.train.loop import StageJob, train_loop_per_worker
+    from biovita.train.stages import STAGE1
 
     total = steps + warmup
     cfg = load_config(None, ["data.synth_if_missing=true", f"train.num_workers={WORKERS}",
@@ -146,7 +147,7 @@ def real(init: str, steps: int, warmup: int, batch: int, log_every: int) -> floa
     ds = ray.data.from_items(rows, override_num_blocks=total * WORKERS).materialize()
     with tempfile.TemporaryDirectory() as d:
         clock = f"{d}/clock.txt"
-        job = StageJob(config=cfg, stage="stage1", steps_per_epoch=total,
+        job = StageJob(config=cfg, stage=STAGE1.name, steps_per_epoch=total,
                        init_checkpoint=init, export_to=f"{d}/model", callbacks=[StepClock(clock)])
         env = {**worker_output_env(cfg), "OMP_NUM_THREADS": "1"}
         TorchTrainer(

@@ -9,7 +9,7 @@ Requests are decoded on the replica's threads and their forward passes batched
 (`serve.batch`); replicas and autoscaling come from `ServeConfig`. A bad request gets a JSON
 error (`{"error": reason, "message": ...}`) with a 4xx status; the service keeps serving.
 Beyond `max_ongoing_requests` per replica and `max_queued_requests` waiting, a request is
-answered at once with 503 and `Retry-After` (the accepted ones keep their latency).
+answered with 503 and `Retry-After`: an accepted request waits behind at most that many.
 """
 
 # (no `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime,
