@@ -20,6 +20,7 @@ if ray.__version__ != RAY_VERSION:
         "(the pin in pyproject.toml), or port the patches and their tests to the new version.")
 
 
+from ray._private import worker as ray_worker  # noqa: E402
 from ray._private.ray_logging import global_worker_stdstream_dispatcher  # noqa: E402
 from ray.data._internal.execution import streaming_executor_state  # noqa: E402
 from ray.data._internal.execution.backpressure_policy import (  # noqa: E402
@@ -105,13 +106,17 @@ def shorten_completion_wait() -> None:
 
 # Lines worker processes print that no logging filter reaches (C++ core logs, prints), each
 # with why a user of biovita can do nothing with it; dropped from what the driver prints of
-# its workers' output (they stay in the workers' log files).
+# its workers' output (they stay in the workers' log files) and, where a job's driver writes
+# to a file, from its own stderr (`runtime.filter_stderr`).
 FORWARDED_NOISE = {
     "has constructor arguments in the object store and max_restarts > 0":
         "Ray's core worker logs it at ERROR for every Ray Data actor pool and Ray Train's "
         "preemption watcher, which it creates itself",
     "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully":
         "DeepSpeed's CPU collectives loaded from the JIT cache",
+    "x the maximum expected startup concurrency (":
+        "the raylet compares the worker processes starting at once with the node's CPU count; "
+        "on a 2-core machine the benchmark's embedding pools exceed it, and only start slower",
     "Reporting training result ":
         "Ray Train logs every report's metrics at INFO, under a logger named by its file's path "
         "that its LoggingConfig does not reach; the progress line and MLflow carry the numbers",
@@ -124,21 +129,24 @@ def _quiet(data: dict) -> dict:
 
 
 def quiet_forwarded_lines() -> None:
-    """Replace this driver's printer of its workers' output by one that drops
-    `FORWARDED_NOISE` (a no-op where the driver does not print them, `log_to_driver=False`)."""
+    """Replace this driver's printers of what other processes send it by ones that drop
+    `FORWARDED_NOISE`: its workers' output (a no-op where the driver does not print it,
+    `log_to_driver=False`), and the raylet's and GCS's messages to the job (a node's warning
+    on worker start-up), which Ray prints from another thread through the module's printer."""
     handlers = dict(global_worker_stdstream_dispatcher.handlers)
     printer = handlers.get("ray_print_logs")
-    if printer is None or getattr(printer, "biovita_quiet", False):
-        return
+    if printer is not None and not getattr(printer, "biovita_quiet", False):
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+        global_worker_stdstream_dispatcher.add_handler("ray_print_logs", _quiet_printer(printer))
+    if not getattr(ray_worker.print_to_stdstream, "biovita_quiet", False):
+        ray_worker.print_to_stdstream = _quiet_printer(ray_worker.print_to_stdstream)
 
-    def quiet_printer(data: dict) -> None:
+
+def _quiet_printer(printer):
+    def quiet_printer(data: dict, **kwargs) -> None:
         data = _quiet(data)
         if data["lines"]:
-            printer(data)
+            printer(data, **kwargs)
 
     quiet_printer.biovita_quiet = True
-    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
-    global_worker_stdstream_dispatcher.add_handler("ray_print_logs", quiet_printer)
-
-
-
+    return quiet_printer

@@ -9,11 +9,15 @@ worker process of the job; anything else, warnings and errors included, still sh
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import select
 import sys
+import threading
 
-# (logger, start of the message): why a user of biovita can do nothing with it
+# (logger, start of the message): why a user of biovita can do nothing with it. The logger
+# is the one that makes the record: a filter on a parent logger does not see its children's.
 NOISE = {
     ("DeepSpeed", "Setting accelerator to CPU"):
         "processes that run no DeepSpeed engine (the driver, Ray Train's controller) import it; "
@@ -24,7 +28,8 @@ NOISE = {
         "DeepSpeed's CPU collectives build on a machine without CUDA, as they should",
     ("ray.data._internal.progress", "Progress bars disabled"):
         "off on purpose where output goes to a file; the trainer's progress line reports the stream",
-    ("ray", "Token authentication is enabled for this Ray cluster"):
+    ("ray._private.authentication.authentication_token_setup",
+     "Token authentication is enabled for this Ray cluster"):
         "the local instance's token is Ray's own; a cluster's client sets RAY_AUTH_MODE (docs/cluster.md)",
     ("mlflow.pyfunc", "Passing a Python object as `python_model`"):
         "the model class is biovita's own, and its code travels with the model (code_paths)",
@@ -79,11 +84,78 @@ def interactive() -> bool:
 
 
 def configure_output() -> None:
-    """Ray Data progress bars for this process's passes only in a terminal: written to a
-    file, each redraw is another line (~500 in one embedded run)."""
+    """A job driver's output: Ray Data progress bars for this process's passes only in a
+    terminal (written to a file, each redraw is another line: ~500 in one embedded run), and
+    where stderr is a file, Ray's C++ core lines no user can act on dropped from it."""
     import ray.data
 
+    from biovita.ray_patches import FORWARDED_NOISE
+
     ray.data.DataContext.get_current().enable_progress_bars = interactive()
+    if not os.isatty(2):
+        filter_stderr(tuple(FORWARDED_NOISE))
+
+
+_stderr_filter: tuple[int, threading.Thread, threading.Event] | None = None
+
+
+def filter_stderr(noise: tuple[str, ...]) -> None:
+    """Drop the lines of this process's stderr (file descriptor 2) that contain one of `noise`.
+
+    Ray's core worker in the driver writes its C++ log lines straight to the descriptor, past
+    every Python filter; Ray Data's actor pools of the driver's own passes (the frozen-tower
+    cache, the benchmark's embedding) make one ERROR line each that way. A thread relays
+    everything else, a partial line after 50 ms of quiet, and at exit the rest (an uncaught
+    exception's traceback included) before the descriptor is given back. Once per process."""
+    global _stderr_filter
+    if _stderr_filter is not None:
+        return
+    sys.stderr.flush()
+    read, write = os.pipe()
+    original = os.dup(2)
+    os.dup2(write, 2)
+    os.close(write)
+    done = threading.Event()
+    marks = tuple(n.encode() for n in noise)
+
+    def relay() -> None:
+        pending = b""
+        while True:
+            ready, _, _ = select.select([read], [], [], 0.05)
+            chunk = os.read(read, 1 << 16) if ready else b""
+            if ready and not chunk:  # every writer gone
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not any(m in line for m in marks))
+            if not chunk and pending:  # quiet: a prompt or a progress bar's redraw
+                out, pending = out + pending, b""
+            if out:
+                os.write(original, out)
+            if done.is_set() and not ready:
+                break
+        if pending:
+            os.write(original, pending)
+
+    thread = threading.Thread(target=relay, name="biovita-stderr", daemon=True)
+    thread.start()
+    _stderr_filter = (original, thread, done)
+    atexit.register(_restore_stderr)
+
+
+def _restore_stderr() -> None:
+    """Relay what is still in the pipe, then give descriptor 2 back (children that inherited
+    the pipe may outlive this process: the relay stops at the first quiet moment)."""
+    global _stderr_filter
+    if _stderr_filter is None:
+        return
+    original, thread, done = _stderr_filter
+    sys.stderr.flush()
+    done.set()
+    thread.join(timeout=5)
+    os.dup2(original, 2)
+    os.close(original)
+    _stderr_filter = None
 
 
 def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, **kwargs) -> None:

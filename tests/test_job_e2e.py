@@ -82,6 +82,11 @@ def test_ray_job_submit_main_job(synth_store, tmp_path):
         assert set(e) == {"top1", "top5", "top10", "n", "skipped", "missing_query", "missing_gallery"}
         assert 0 <= e["top1"] <= e["top5"] <= e["top10"] <= 1 and e["n"] > 0
     assert "A2T" in out and "species top1/top5" in out  # the table was printed
+    # only biovita's lines and what a user can act on: none of the noise, C++ lines included
+    from biovita.ray_patches import FORWARDED_NOISE
+
+    assert not [n for n in FORWARDED_NOISE if n in out] and "core_worker.cc" not in out
+    assert len(out.splitlines()) <= 120, out
     assert re.search(r"^unseen\s+stage2\.phase2", out, re.M)  # and the summary of both splits
     for stage in ("stage0", "stage1", "stage2.phase1", "stage2.phase2"):
         assert (tmp_path / "runs" / "e2e" / "models" / stage / "model.safetensors").is_file()

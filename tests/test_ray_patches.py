@@ -49,3 +49,41 @@ def test_forwarded_noise_is_dropped_and_the_rest_printed():
         assert printed == [["[stage1] step 4"]]
     finally:
         dispatcher.handlers = saved
+
+
+def test_the_drivers_stderr_drops_the_noise_and_keeps_the_rest():
+    """Ray's core worker writes its C++ lines to descriptor 2, past Python's filters: the
+    filter drops exactly the noisy ones; other lines, a partial line and the traceback of an
+    uncaught exception still reach the file, in order."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\n"
+            "from biovita.runtime import filter_stderr\n"
+            "filter_stderr(('has constructor arguments',))\n"
+            "os.write(2, b'[E core_worker.cc] actor has constructor arguments in the store\\n')\n"
+            "os.write(2, b'kept 1\\n')\n"
+            "print('kept 2', file=sys.stderr, flush=True)\n"
+            "os.write(2, b'partial')\n"
+            "time.sleep(0.3)\n"
+            "os.write(2, b' line\\n')\n"
+            "raise SystemExit(sys.argv[1] if len(sys.argv) > 1 else 'the real error')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr == "kept 1\nkept 2\npartial line\nthe real error\n"
+
+
+def test_the_raylets_messages_to_the_job_drop_the_noise(capsys):
+    """The raylet's messages to a job (printed by Ray's error listener, not the dispatcher):
+    its start-up concurrency warning is dropped, anything else still printed."""
+    from ray._private import worker
+
+    from biovita.ray_patches import quiet_forwarded_lines
+
+    quiet_forwarded_lines()
+    noise = ("WARNING: 8 PYTHON worker processes have been started on node: ab12 with address: "
+             "10.0.0.1, which is 4x the maximum expected startup concurrency (2). This could be ...")
+    for line in (noise, "A worker died or was killed while executing a task"):
+        worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "A worker died" in out and "startup concurrency" not in out

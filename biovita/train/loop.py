@@ -30,7 +30,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch._dynamo.utils import counters
 
 from biovita.bench.validation import ValidationSet, score
 from biovita.data.datasets import TorchCollate
@@ -308,6 +307,8 @@ class StageRun:
                 f"[{self.stage.name}] train.compile: torch.compile failed on the "
                 f"{', '.join(self.compiled)} tower(s): {type(e).__name__}: {str(e).splitlines()[0][:300]} "
                 "(train.compile=false runs them eagerly)") from e
+        from torch._dynamo.utils import counters  # (here: importing dynamo costs a worker ~1 s)
+
         breaks = counters.get("graph_break", {})
         if self.io.rank == 0:
             detail = "; ".join(f"{n} x {str(r).splitlines()[0][:80]}" for r, n in list(breaks.items())[:3])
