@@ -167,9 +167,15 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         return
     quiet_libraries()
     env = kwargs.pop("runtime_env", None) or {}
-    kwargs["runtime_env"] = {**env, "worker_process_setup_hook": "biovita.runtime.quiet_worker",
-                             "env_vars": {**{k: os.environ[k] for k in QUIET_ENV}, **env.get("env_vars", {})}}
     address = os.environ.get("RAY_ADDRESS")
+    # The cluster's address for the job's workers too: Ray Train's placement-group cleaner
+    # asks Ray's state API, which otherwise finds the address itself and fails (its thread
+    # dies) where a machine runs two Ray instances.
+    joined = {"RAY_ADDRESS": address} if address and address not in ("local", "auto") \
+        and not address.startswith("ray://") else {}
+    kwargs["runtime_env"] = {**env, "worker_process_setup_hook": "biovita.runtime.quiet_worker",
+                             "env_vars": {**{k: os.environ[k] for k in QUIET_ENV}, **joined,
+                                          **env.get("env_vars", {})}}
     if address == "local":  # a new local instance even where another runs (benchmarks, tests)
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, **kwargs)
     elif address:
