@@ -32,6 +32,22 @@ def test_registry_lists_real_configs():
     assert list_models("*clap*") == ["bioclip2-clap"]
 
 
+def test_clip_config_registration_leaves_no_file(tmp_path, monkeypatch):
+    """Every process registers its open_clip configs; none may leave a folder behind."""
+    import open_clip
+
+    from biovita.models.factory import register_clip_config
+    from biovita.models.registry import TINY_CLIP_CONFIG
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    register_clip_config("biovita-test-a", TINY_CLIP_CONFIG)
+    register_clip_config("biovita-test-b", TINY_CLIP_CONFIG)  # open_clip rescans its paths
+    assert {"biovita-test-a", "biovita-test-b"} <= set(open_clip.list_models())
+    assert open_clip.get_model_config("biovita-test-a") == TINY_CLIP_CONFIG
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_real_architecture_builds():
     """The published architecture (ViT-L/14 768-d + HTS-AT 512->768 adapter), random weights."""
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):

@@ -47,9 +47,12 @@ def register_clip_config(name: str, cfg: dict) -> None:
 
     if name in open_clip.list_models():
         return
-    folder = Path(tempfile.mkdtemp(prefix="biovita-oc-"))
-    (folder / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder / f"{name}.json")
+    # open_clip registers configs from files only; it keeps the parsed config, so the file
+    # goes at once (one left per process filled /tmp on long-lived clusters)
+    with tempfile.TemporaryDirectory(prefix="biovita-oc-") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        open_clip.add_model_config(path)
 
 
 def resolve_clip_ref(ref: str) -> str:
