@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,10 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray_head import BIN, ray_head
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def test_a_lost_node_costs_a_restart_from_the_last_checkpoint(synth_store, tmp_path):
@@ -42,34 +41,11 @@ def test_a_lost_node_costs_a_restart_from_the_last_checkpoint(synth_store, tmp_p
     assert res["replacement"] in res["train_nodes"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head():
     """A Ray head started as a user starts one (`ray start --head`)."""
-    gcs, dash, agent, grpc, metrics, rt = (_port() for _ in range(6))
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    temp = Path("/tmp") / f"bvdl{os.getpid()}"
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
-         "--object-store-memory=500000000", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={rt}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    dashboard = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if subprocess.run([str(BIN / "ray"), "job", "list", "--address", dashboard],
-                          capture_output=True, env=env).returncode == 0:
-            break
-        time.sleep(2)
-    yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": dashboard, "env": env}
-    proc.terminate()
-    proc.wait(timeout=60)
+    with ray_head("bvdl") as h:
+        yield h
 
 
 def _alive(head) -> tuple[list[str], list[str]]:

@@ -3,26 +3,17 @@ python ray_jobs/train.py ...` with a tiny budget; checks the printed results fil
 benchmark tasks), the MLflow parent/child runs and the exported checkpoints."""
 
 import json
-import os
 import re
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray_head import BIN, ray_head
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TINY = ["stage0.epochs=1", "stage0.max_steps=3", "stage0.batch_size=8",
@@ -34,41 +25,19 @@ TINY = ["stage0.epochs=1", "stage0.max_steps=3", "stage0.batch_size=8",
 
 def test_ray_job_submit_main_job(synth_store, tmp_path):
     root, _ = synth_store
-    gcs, dash, agent, grpc, metrics, rt = (_port() for _ in range(6))
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    temp = Path("/tmp") / f"bvjob{os.getpid()}"  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
-         "--object-store-memory=500000000", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--include-dashboard=true",
-         # own agent/metrics ports: the session's local Ray instance holds the defaults
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-         f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={rt}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash}"],
-                                capture_output=True, env=env).returncode == 0
-            if ok:
-                break
-            time.sleep(2)
+    with ray_head("bvjob") as head:
         db = tmp_path / "mlflow.db"
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"],
                "--working-dir", str(ROOT), "--", "python", "ray_jobs/train.py",
                f"data.root={root}", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=e2e",
                f"mlflow.tracking_uri=sqlite:///{db}", f"bench.out={tmp_path / 'bench'}", *TINY]
         for _ in range(30):  # the job agent starts a little after the dashboard answers
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=head["env"], cwd=ROOT)
             out = r.stdout + r.stderr
             if "No available agent" not in out:
                 break
             time.sleep(3)
         assert r.returncode == 0, out[-4000:]
-    finally:
-        head.terminate()
-        head.wait(timeout=60)
     m = re.search(r"^results: (.+)$", out, re.M)
     assert m, out[-3000:]
     both = json.loads(Path(m.group(1).strip()).read_text())

@@ -83,19 +83,21 @@ def decode_audio_batch(batch: dict[str, np.ndarray], spec: AudioDecodeSpec,
     "image" its paired image's (`image_emb`)."""
     fe = spec.front_end
     uses = _uses(batch)
-    waves, keep, bad = [], [], []
+    # each clip is converted into its row of the output as it comes (stacking float32 clips
+    # and then converting the batch cost ~1 ms a clip more)
+    waves = np.empty((len(batch["id"]), fe.clip_samples), WAVE_DTYPE)
+    keep, bad = [], []
     for i in range(len(batch["id"])):
         media_id = str(batch["id"][i])
         rng = np.random.default_rng([spec.seed, spec.epoch, stable_hash(media_id), uses[i]])
         try:
-            waves.append(load_clip(_bytes(batch["bytes"][i]), fe, spec.mode, rng))
+            waves[len(keep)] = load_clip(_bytes(batch["bytes"][i]), fe, spec.mode, rng)
         except MediaError as e:
             bad.append((media_id, e.reason))
             continue
         keep.append(i)
     out = _columns(batch, keep)
-    out["wave"] = (np.stack(waves).astype(WAVE_DTYPE) if waves else
-                   np.zeros((0, fe.clip_samples), WAVE_DTYPE))
+    out["wave"] = waves[: len(keep)]
     frozen = frozen or {}
     if spec.prompts != "none":
         prompts = _prompts(batch, keep, uses, spec)

@@ -147,9 +147,12 @@ def write_part(fs: pafs.FileSystem, path: str, schema: pa.Schema, rows: list[dic
     if atomic and isinstance(fs, pafs.LocalFileSystem):
         head, _, name = path.rpartition("/")
         path = f"{head}/.{name}.tmp"  # not *.parquet: never listed as a shard
-    # encoded media do not compress: storing `bytes` plain saves a decompression per read.
+    # encoded media neither compress nor repeat: storing `bytes` plain, without a dictionary
+    # page, saves a decompression and a dictionary decode per read (~1 ms of a 1 MB clip)
     codecs = {f.name: "none" if f.name == "bytes" else "zstd" for f in schema}
-    with pq.ParquetWriter(path, schema, filesystem=fs, compression=codecs) as w:
+    dictionary = [f.name for f in schema if f.name != "bytes"]
+    with pq.ParquetWriter(path, schema, filesystem=fs, compression=codecs,
+                          use_dictionary=dictionary) as w:
         for group in _row_groups(rows):
             w.write_table(pa.Table.from_pylist(group, schema=schema), row_group_size=len(group))
         if not rows:
