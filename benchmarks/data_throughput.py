@@ -8,7 +8,7 @@ OGG at 22-48 kHz, 1-12 MP JPEG photos). Two paths, each timed on the same files 
   reference: a torch DataLoader, one file per item, as the authors' extractor: the whole file
   loaded, resampled to 48 kHz, onset crop, transformers' ClapFeatureExtractor;
 - stream (training): random crops, decoded on a fixed actor pool under the decode-ahead bound,
-  one epoch of the store replicated --scale times (every use a row of its own, as in a real
+  one epoch of the store replicated to >= 1,200 uses (every use a row of its own, as in a real
   epoch); reference: as the authors' stage-2 loader: the file's info, then a load of only the crop's
   frames (the whole file where the decoder cannot seek: AAC), resampled, ClapFeatureExtractor.
 Images on both paths: the reference is a full PIL decode + open_clip's transform.
@@ -135,17 +135,31 @@ def _drain(ds, table: str) -> list[tuple[float, int]]:
     return marks
 
 
-STEADY = (0.3, 0.9)  # the share of a stream's rows between which its rate is measured
+STREAM_USES = 1200  # at least this many uses in the stream's one epoch
+SHORT = 4  # the short stream: a quarter of them
+
+
+def _stream(root: str, table: str, spec, cpus: int, ids: list[str]) -> tuple[int, float]:
+    from biovita.data.datasets import stream_dataset
+
+    t = time.perf_counter()
+    ds = stream_dataset(root, table, spec, {0: {i: 1 for i in ids}},
+                        batch_size=16, seed=0, num_cpus=1.0, decoders=cpus, ahead_mb=512)
+    marks = _drain(ds, table)
+    STARTUP.setdefault(table, []).append(marks[0][0])
+    return marks[-1][1], time.perf_counter() - t
 
 
 def pipeline(root: str, table: str, path: str, cpus: int, ids: list[str]) -> tuple[int, float]:
     """Rows decoded per second by biovita's Ray Data pipeline on one path. A single pass is
-    timed whole. The stream lives for a whole stage, so its rate is the steady one: between
-    30 % and 90 % of its rows. Before, its decode actors start, import torch and warm up once
-    per stage (as the bare pool's processes did before it is timed; the time to the first
-    batch is kept in STARTUP), and the first tasks, decoded meanwhile, arrive at once; after,
-    one actor may sit out the last task, which a stage's stream has only at its very end."""
-    from biovita.data.datasets import audio_dataset, image_dataset, stream_dataset
+    timed whole. The stream lives for a whole stage, so its rate is the steady one: the rows
+    and the time of a stream of all `ids` less those of one of a quarter of them, each timed
+    from its start to its last row. What both have once cancels: the decode actors' start
+    (they import torch and warm up once per stage, as the bare pool's processes did before
+    it is timed; the time to the first batch is kept in STARTUP), the first tasks arriving
+    together, the last one an actor may sit out. Timing one stream after its first batch
+    counted tasks decoded during the start-up as if decoded after it."""
+    from biovita.data.datasets import audio_dataset, image_dataset
     from biovita.data.decode import AudioDecodeSpec, ImageDecodeSpec
 
     if path == "single_pass":
@@ -158,13 +172,9 @@ def pipeline(root: str, table: str, path: str, cpus: int, ids: list[str]) -> tup
         return _drain(ds, table)[-1][1], time.perf_counter() - t
     spec = (AudioDecodeSpec(mode="random", prompts="none", stats_name=None) if table == "audio"
             else ImageDecodeSpec(prompts="none", stats_name=None))
-    ds = stream_dataset(root, table, spec, {0: {i: 1 for i in ids}},
-                        batch_size=16, seed=0, num_cpus=1.0, decoders=cpus, ahead_mb=512)
-    marks = _drain(ds, table)
-    STARTUP.setdefault(table, []).append(marks[0][0])
-    total = marks[-1][1]
-    (t0, n0), (t1, n1) = (next(m for m in marks if m[1] >= share * total) for share in STEADY)
-    return n1 - n0, t1 - t0
+    n_short, t_short = _stream(root, table, spec, cpus, ids[: len(ids) // SHORT])
+    n_long, t_long = _stream(root, table, spec, cpus, ids)
+    return n_long - n_short, t_long - t_short
 
 
 # ----------------------------------------------------------------------------- (a) the authors' pattern
@@ -374,17 +384,15 @@ def rate(run, repeat: int) -> float:
 # ----------------------------------------------------------------------------- main
 
 
-def measure_path(path: str, stores: dict, files: dict, ids: dict, pool, a) -> dict:
+def measure_path(path: str, root: str, times: int, files: dict, ids: dict, pool, a) -> dict:
     """Rates and ratios of one path, both tables. The stream reads one epoch of the store
-    replicated `--scale` times (ids made unique): every use a row of its own, as in a real
-    epoch of ~280 k clips, and enough of them for a steady rate (epochs of this store's few
-    dozen clips ended a decode task early every epoch, and a repeat within a task is read
-    once); the bare pool and (a) decode the same files as many times."""
+    replicated `times` times (ids made unique; >= STREAM_USES uses): every use a row of its
+    own, as in a real epoch of ~280 k clips (epochs of this store's few dozen clips ended a
+    decode task early every epoch, and a repeat within a task is read once). The bare pool
+    and (a) decode the files ~600 times over on that path."""
     out: dict = {}
-    times = 1 if path == "single_pass" else a.scale
-    root = stores[path]
     for table in ("audio", "image"):
-        items = files[table] * times
+        items = files[table] * (1 if times == 1 else max(1, round(600 / len(files[table]))))
         use_ids = ids[table] if times == 1 else [f"{i}_{k}" for k in range(times) for i in ids[table]]
         ref_ds = RefAudio(items, crop=path == "stream") if table == "audio" else RefImage(items)
         ref = rate(lambda: reference(ref_ds, a.cpus), a.repeat)
@@ -419,7 +427,7 @@ def main():
     p.add_argument("--store", default=None, help="Parquet store (default: a fresh one of the profile)")
     p.add_argument("--species", type=int, default=None)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
-    p.add_argument("--scale", type=int, default=10, help="rows multiplier for the stream's epoch and the memory check")
+    p.add_argument("--scale", type=int, default=10, help="rows multiplier for the memory check")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per path (median)")
     p.add_argument("--paths", default="single_pass,stream")
     p.add_argument("--json", default=None, help="write the ratios as JSON")
@@ -443,8 +451,10 @@ def main():
     big = tmp / "store_big"
     replicate(root, big, a.scale)
     big_ids = {t: [f"{i}_{k}" for k in range(a.scale) for i in ids[t]] for t in ids}
-    stores = {"single_pass": root, "stream": str(big)}
-    results = {path: measure_path(path, stores, files, ids, pool, a) for path in paths}
+    times = {"single_pass": 1, "stream": -(-STREAM_USES // min(len(v) for v in ids.values()))}
+    replicate(root, tmp / "store_stream", times["stream"])
+    stores = {"single_pass": root, "stream": str(tmp / "store_stream")}
+    results = {path: measure_path(path, stores[path], times[path], files, ids, pool, a) for path in paths}
     pool.close()
     for path in paths:
         results[path]["memory_ratio"] = memory_ratio(path, root, str(big), ids, big_ids, a.cpus)

@@ -177,7 +177,7 @@ def test_decode_tasks_gather_small_row_groups_but_keep_every_decoder_busy(synth_
 
 
 def test_segments_are_whole_batches_and_keep_every_decoder_busy():
-    from biovita.data.planning import TASK_BYTES, TASK_USES, segments
+    from biovita.data.planning import TASK_BYTES, segments
 
     cut = segments(1000, 16, TASK_BYTES / 64, decoders=2)  # 64 uses make a task's bytes
     assert all((b - a) % 16 == 0 for a, b in cut[:-1]) and cut[0] == (0, 64)
@@ -185,10 +185,6 @@ def test_segments_are_whole_batches_and_keep_every_decoder_busy():
     assert segments(100, 16, 1.0, decoders=4) == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 80),
                                                   (80, 96), (96, 100)]  # >= 2 tasks a decoder
     assert segments(0, 16, 1.0, 2) == []
-    # field recordings: a crop costs the same whatever the file's size, so ~TASK_USES uses a
-    # task (not 4 MB); a segment's media are held at once, so huge files cut it to a batch
-    assert segments(1000, 16, 1.5e6, decoders=2)[0] == (0, TASK_USES)
-    assert segments(1000, 16, 50e6, decoders=2)[0] == (0, 16)
 
 
 def _in_batch_pairs(ids: list[str], batch: int) -> int:

@@ -48,8 +48,6 @@ def select_row_groups(groups: list[RowGroup], split: str | None = None, plan: di
 
 
 TASK_BYTES = 4 * 2**20
-TASK_USES = 64  # a training stream's task: ~1 s of decoding on one core
-SEGMENT_BYTES = 256 * 2**20
 
 
 def decode_tasks(groups: list[RowGroup], decoders: int) -> list[list[RowGroup]]:
@@ -126,16 +124,11 @@ def stream_plan(groups: list[RowGroup], orders: dict[int, list[tuple[str, int, s
 
 def segments(n_uses: int, batch_size: int, bytes_per_use: float, decoders: int) -> list[tuple[int, int]]:
     """An epoch's uses cut into decode tasks: whole batches (a batch then holds consecutive
-    uses of the random order: the shuffle reaches the trainer unchanged), about `TASK_USES`
-    uses a task but at most `SEGMENT_BYTES` of encoded media (a task holds its media while it
-    decodes them), and at least two tasks for every decoder.
-
-    Counted in uses, not bytes: a 10 s crop costs about the same to decode whatever the
-    recording's length, so a task of 4 MB of field recordings was 1 batch of 16 clips
-    (~0.2 s), and Ray Data's fixed cost per task weighed on every one of them."""
+    uses of the random order: the shuffle reaches the trainer unchanged), about `TASK_BYTES`
+    of encoded media a task, and at least two tasks for every decoder."""
     if n_uses <= 0:
         return []
-    batches = min(-(-TASK_USES // batch_size), int(SEGMENT_BYTES // max(1.0, batch_size * bytes_per_use)))
+    batches = max(1, round(TASK_BYTES / max(1.0, batch_size * bytes_per_use)))
     per_decoder = -(-n_uses // (2 * max(1, decoders) * batch_size))
     size = batch_size * max(1, min(batches, per_decoder))
     return [(s, min(s + size, n_uses)) for s in range(0, n_uses, size)]
