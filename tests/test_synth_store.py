@@ -122,9 +122,10 @@ def test_write_read_round_trip(tmp_path):
     assert any("has type int64" in p for p in check_schema("audio", bad))
 
 
-def test_media_shards_store_bytes_plain_in_small_row_groups(tmp_path):
-    """Encoded media do not compress (so `bytes` is stored plain) and small row groups give
-    Ray Data small blocks to spread decoding over many tasks."""
+def test_media_shards_store_every_column_plain_in_small_row_groups(tmp_path):
+    """A training read takes a small row group whole: every column plain (no decompression,
+    no dictionary page to decode), no statistics of the media in the footer; small row
+    groups give Ray Data small blocks to spread decoding over many tasks."""
     import pyarrow.parquet as pq
 
     from biovita.data.store import ROW_GROUP_ROWS
@@ -137,8 +138,10 @@ def test_media_shards_store_bytes_plain_in_small_row_groups(tmp_path):
     meta = pq.ParquetFile(path).metadata
     assert meta.num_row_groups == 3
     names = [meta.row_group(0).column(i).path_in_schema for i in range(meta.num_columns)]
-    codecs = {n: meta.row_group(0).column(i).compression for i, n in enumerate(names)}
-    assert codecs["bytes"] == "UNCOMPRESSED" and codecs["id"] == "ZSTD"
+    columns = {n: meta.row_group(0).column(i) for i, n in enumerate(names)}
+    assert {c.compression for c in columns.values()} == {"UNCOMPRESSED"}
+    assert not any("DICTIONARY" in e for c in columns.values() for e in c.encodings)
+    assert not columns["bytes"].is_stats_set and columns["species_id"].statistics.max == 0
     assert read_table(tmp_path, "audio")["id"].to_pylist() == [r["id"] for r in rows]
 
 

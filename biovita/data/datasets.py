@@ -7,7 +7,6 @@ media are counted by reason (`biovita.data.stats`).
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import replace
 from typing import Any
@@ -73,21 +72,16 @@ def _read_row_group(f: pq.ParquetFile, index: int, split: str | None) -> dict[st
 
 
 _FILES: dict[str, pq.ParquetFile] = {}
-_SHARDS: dict[str, "_Shard"] = {}
-
-
-def _kept(cache: dict, path: str, make):
-    """What `make()` gives for `path`, made once per worker process (the oldest of 256 goes)."""
-    if path not in cache:
-        if len(cache) >= 256:
-            cache.pop(next(iter(cache)))
-        cache[path] = make()
-    return cache[path]
 
 
 def _parquet_file(path: str, fs) -> pq.ParquetFile:
-    """Opened once per worker process (one footer read per file, on object storage too)."""
-    return _kept(_FILES, path, lambda: pq.ParquetFile(path, filesystem=fs))
+    """Opened once per worker process (one footer read per file, on object storage too); the
+    oldest of 256 goes."""
+    if path not in _FILES:
+        if len(_FILES) >= 256:
+            _FILES.pop(next(iter(_FILES)))
+        _FILES[path] = pq.ParquetFile(path, filesystem=fs)
+    return _FILES[path]
 
 
 def _read_then_decode(items: dict[str, np.ndarray], fs, table: str, split: str | None, spec):
@@ -99,47 +93,37 @@ def _read_then_decode(items: dict[str, np.ndarray], fs, table: str, split: str |
         yield _decode_and_count(rows, table, decode, spec)
 
 
-class _Shard:
-    """A Parquet shard as a decode actor reads it at random: the footer and every column but
-    the media read once (a few kB), then only the media of each row group it needs. Reading
-    a whole row group per clip read its dozen small columns too, each its own page and zstd
-    frame: ~0.9 ms of a ~13 ms clip (realistic store, measured)."""
-
-    def __init__(self, path: str, fs):
-        self.file = _parquet_file(path, fs)
-        names = [c for c in self.file.schema_arrow.names if c != "bytes"]
-        self.columns = self.file.read(columns=names, use_threads=False).to_pydict()
-        sizes = (self.file.metadata.row_group(k).num_rows for k in range(self.file.num_row_groups))
-        self.starts = list(itertools.accumulate(sizes, initial=0))
-
-    def media(self, index: int) -> pa.Array:
-        # Arrow's reader threads cost more than they save on a decode actor's one core
-        return self.file.read_row_group(index, columns=["bytes"], use_threads=False).column(0)
-
-
 def _segment_rows(plan: StreamPlan, fs, epoch: int, start: int, stop: int) -> dict[str, np.ndarray]:
     """The store rows of one segment of an epoch, one per use, in the epoch's order, with
-    their use number (`_use`) and paired image (`_pair`). Each clip's bytes are copied once,
-    from the row group's media as read."""
-    ids, uses, pairs, reads = plan.segment(epoch, start, stop)
-    found: dict[str, tuple[_Shard, int, pa.Array, int]] = {}
-    for (path, index), wanted in reads:
-        shard, media = _kept(_SHARDS, path, lambda: _Shard(path, fs)), None
-        first = shard.starts[index]
-        for r in range(first, shard.starts[index + 1]):
-            if shard.columns["id"][r] in wanted:
-                media = shard.media(index) if media is None else media
-                found[shard.columns["id"][r]] = (shard, r, media, r - first)
-    order = [n for n, i in enumerate(ids) if i in found]
-    hits = [found[ids[n]] for n in order]
-    names = list(hits[0][0].columns) if hits else ["id"]
-    out: dict[str, np.ndarray] = {c: np.asarray([s.columns[c][r] for s, r, _, _ in hits])
-                                  for c in names}
-    out["bytes"] = np.empty(len(hits), dtype=object)
-    out["bytes"][:] = [m[k].as_py() for _, _, m, k in hits]
-    out["_use"] = np.asarray(uses[order], np.int64)
+    their use number (`_use`) and paired image (`_pair`).
+
+    Only the row groups of the segment's uses are read, each whole (a field store's row
+    group holds one or a few clips, stored plain: one contiguous read). Reading a shard's
+    small columns once per actor instead cost 21-124 ms a shard, and with a store of
+    thousands of shards every read was a new one. Each wanted clip's bytes are copied once;
+    a medium used twice shares them."""
+    ids, uses, pairs, reads, which = plan.segment(epoch, start, stop)
+    small, media = [], []
+    for (path, index), rows in reads:
+        t = _parquet_file(path, fs).read_row_group(index, use_threads=False)  # one core
+        if t.num_rows <= rows[-1]:
+            raise ValueError(f"{path} row group {index} holds {t.num_rows} rows, the plan reads "
+                             f"row {rows[-1]}: the store changed after the stage was planned")
+        col = t.column("bytes")
+        media += [col[r].as_py() for r in rows]
+        small.append(t.drop_columns(["bytes"]).take(rows))
+    names = [c for c in small[0].column_names] if small else ["id"]
+    table = pa.concat_tables(small).take(which) if small else None
+    out: dict[str, np.ndarray] = {c: (table.column(c).to_numpy(zero_copy_only=False) if table
+                                      else np.asarray([], dtype=object)) for c in names}
+    if len(ids) and not np.array_equal(out["id"].astype(str), ids.astype(str)):
+        raise ValueError("the stream's row groups hold other media than planned: the store "
+                         "changed after the stage was planned")
+    out["bytes"] = np.empty(len(which), dtype=object)
+    out["bytes"][:] = [media[k] for k in which]
+    out["_use"] = np.asarray(uses, np.int64)
     if pairs is not None:
-        out["_pair"] = np.asarray(pairs[order], dtype=object)
+        out["_pair"] = np.asarray(pairs, dtype=object)
     return out
 
 

@@ -28,12 +28,18 @@ def row_groups(root: str, table: str) -> list[RowGroup]:
     fs, _ = filesystem(table_uri(root, table))
     out = []
     for shard in shards(root, table):  # (an unreadable shard is skipped and counted)
-        f = pq.ParquetFile(shard.path, filesystem=fs)
+        # both columns of the whole file in one read, then cut per row group: a field store
+        # has hundreds of one-clip row groups per shard, and a read per group costs ~0.5 ms
+        f = pq.ParquetFile(shard.path, filesystem=fs, metadata=shard.metadata)
+        t = f.read(columns=["id", "split"], use_threads=False)
+        ids, splits = t.column("id").to_pylist(), t.column("split").to_pylist()
+        start = 0
         for k in range(f.num_row_groups):
-            t = f.read_row_group(k, columns=["id", "split"])
-            out.append(RowGroup(shard.path, k, tuple(map(str, t.column("id").to_pylist())),
-                                tuple(map(str, t.column("split").to_pylist())),
-                                shard.metadata.row_group(k).total_byte_size))
+            meta = shard.metadata.row_group(k)
+            stop = start + meta.num_rows
+            out.append(RowGroup(shard.path, k, tuple(map(str, ids[start:stop])),
+                                tuple(map(str, splits[start:stop])), meta.total_byte_size))
+            start = stop
     return out
 
 
@@ -80,28 +86,32 @@ class StreamPlan:
 
     ids: np.ndarray  # object: the media ids the stream uses
     group_of: np.ndarray  # int32: the row group of each id (index into `groups`)
+    row_of: np.ndarray  # int32: the row of each id within its row group
     groups: list[tuple[str, int]]  # (Parquet file, row-group index)
     epochs: dict[int, EpochOrder]
     pairs: np.ndarray | None = None  # object: ids of paired images (stage 2)
 
     def segment(self, epoch: int, start: int, stop: int):
         """The uses of positions [start, stop) of an epoch: (ids, use numbers, paired ids or
-        None) in order, and the row groups to read, each with the ids wanted from it."""
+        None) in order; the row groups to read, each as ((file, index), its wanted rows in
+        order); and `which`: each use's position among all wanted rows, read in that order
+        (a medium used twice in the segment is read once)."""
         order = self.epochs[epoch]
         media = order.media[start:stop]
         ids = self.ids[media]
         pairs = None if order.pair is None else self.pairs[order.pair[start:stop]]
-        wanted: dict[int, set[str]] = {}
-        for m, media_id in zip(media.tolist(), ids.tolist()):
-            wanted.setdefault(int(self.group_of[m]), set()).add(media_id)
-        reads = [(self.groups[g], ids_in) for g, ids_in in sorted(wanted.items())]
-        return ids, order.use[start:stop], pairs, reads
+        keys = np.stack([self.group_of[media], self.row_of[media]]).astype(np.int64)
+        rows, which = np.unique(keys, axis=1, return_inverse=True)
+        cut = np.flatnonzero(np.diff(rows[0])) + 1
+        reads = [(self.groups[int(g[0, 0])], g[1].tolist())
+                 for g in np.split(rows, cut, axis=1)] if len(media) else []
+        return ids, order.use[start:stop], pairs, reads, which.reshape(-1)
 
 
 def stream_plan(groups: list[RowGroup], orders: dict[int, list[tuple[str, int, str | None]]]
                 ) -> StreamPlan:
     """Pack each epoch's ordered uses (`sampling.epoch_order`) with the row groups of `groups`."""
-    where = {i: k for k, g in enumerate(groups) for i in g.ids}
+    where = {i: (k, r) for k, g in enumerate(groups) for r, i in enumerate(g.ids)}
     index: dict[str, int] = {}
     pair_index: dict[str, int] = {}
     epochs = {}
@@ -117,9 +127,10 @@ def stream_plan(groups: list[RowGroup], orders: dict[int, list[tuple[str, int, s
     if missing:
         raise ValueError(f"{len(missing)} planned media are in no row group, e.g. {missing[:3]}")
     ids = np.array(list(index), dtype=object)
-    group_of = np.fromiter((where[i] for i in index), np.int32, len(index))
+    located = np.array([where[i] for i in index], np.int32).reshape(-1, 2)
     pairs = np.array(list(pair_index), dtype=object) if pair_index else None
-    return StreamPlan(ids, group_of, [(g.path, g.index) for g in groups], epochs, pairs)
+    return StreamPlan(ids, located[:, 0].copy(), located[:, 1].copy(),
+                      [(g.path, g.index) for g in groups], epochs, pairs)
 
 
 def segments(n_uses: int, batch_size: int, bytes_per_use: float, decoders: int) -> list[tuple[int, int]]:
