@@ -376,6 +376,17 @@ def make_store(profile: str, out: Path, species: int | None) -> str:
     return str(out)
 
 
+def spilled_mb() -> float:
+    """MiB the object store has spilled to disk so far (cumulative): decoded rows that spill
+    cost a write and a read each, on the same cores."""
+    import re
+
+    from ray._private.internal_api import memory_summary
+
+    found = re.search(r"Spilled ([\d.]+) MiB", memory_summary(stats_only=True))
+    return float(found.group(1)) if found else 0.0
+
+
 def rate(run, repeat: int) -> float:
     """Items per second: the median of `repeat` timed runs."""
     return statistics.median(n / t for n, t in (run() for _ in range(repeat)))
@@ -397,7 +408,7 @@ def measure_path(path: str, root: str, times: int, files: dict, ids: dict, pool,
         ref_ds = RefAudio(items, crop=path == "stream") if table == "audio" else RefImage(items)
         ref = rate(lambda: reference(ref_ds, a.cpus), a.repeat)
         pipeline(root, table, path, a.cpus, use_ids)  # warm-up: workers, imports
-        pairs, cpu = [], CpuAccount()
+        pairs, cpu, spilled = [], CpuAccount(), spilled_mb()
         for _ in range(a.repeat):
             b = rate(lambda: same_work(items, table, path, pool), 1)
             with cpu:
@@ -407,7 +418,8 @@ def measure_path(path: str, root: str, times: int, files: dict, ids: dict, pool,
                       "vs_reference": ours / ref, "vs_same_work": statistics.median(b / x for b, x in pairs),
                       # the last run's CPU seconds by role, as shares of its wall x cores
                       "cpu_share": {k: v / (cpu.used["wall"] * a.cpus) for k, v in cpu.used.items()
-                                    if k != "wall"}}
+                                    if k != "wall"},
+                      "spilled_mb": spilled_mb() - spilled}
     return out
 
 
@@ -480,6 +492,8 @@ def main():
         if path == "stream":
             print("  start-up to the first batch (once per stage, not in the rates): " + ", ".join(
                 f"{t} {statistics.median(v):.1f} s" for t, v in sorted(STARTUP.items())))
+        print("  spilled by the object store while timed: " + ", ".join(
+            f"{t} {r[t]['spilled_mb']:.0f} MB" for t in ("audio", "image")))
         for table in ("audio", "image"):
             print(f"  {table} cores' time: " + ", ".join(
                 f"{k} {v:.0%}" for k, v in sorted(r[table]["cpu_share"].items(), key=lambda kv: -kv[1])))
@@ -492,6 +506,7 @@ def main():
                         "vs_same_work_loop": max(r["audio"]["vs_same_work"], r["image"]["vs_same_work"]),
                         "memory_ratio": r["memory_ratio"],
                         "cpu_share": {t: r[t]["cpu_share"] for t in ("audio", "image")},
+                        "spilled_mb": {t: r[t]["spilled_mb"] for t in ("audio", "image")},
                         **({"startup_s": {t: statistics.median(v) for t, v in STARTUP.items()}}
                            if path == "stream" else {}),
                         "rates": {t: {k: r[t][k] for k in ("pipeline", "reference", "same_work")}

@@ -172,3 +172,16 @@ def test_front_end_read_from_a_checkpoint_folder_matches_its_extractor(tmp_path)
     ref = ClapFeatureExtractor.from_pretrained(tmp_path)(wave, sampling_rate=48000, return_tensors="np")
     ours = log_mel(fe)(wave)[0, 0].numpy()
     assert np.abs(ours - ref["input_features"][0, 0]).max() < GOLDEN_TOL_DB
+
+
+def test_to_mono_is_the_channel_mean_of_transposed_frames():
+    """Decoders hand (samples, channels) frames transposed; the mono mix is their exact mean
+    (the same float32 sums as numpy's), for any channel count and for integer samples."""
+    from biovita.frontends.audio import to_mono
+
+    rng = np.random.default_rng(0)
+    for channels in (2, 3, 6):
+        frames = rng.standard_normal((4801, channels)).astype(np.float32)
+        assert np.array_equal(to_mono(frames.T), frames.T.mean(axis=0))
+    pcm = rng.integers(-2**15, 2**15, (2, 100)).astype(np.int16)
+    assert to_mono(pcm).dtype == np.float32 and np.allclose(to_mono(pcm), pcm.mean(axis=0))
