@@ -116,11 +116,9 @@ def _segment_rows(plan: StreamPlan, fs, epoch: int, start: int, stop: int) -> di
         col = t.column("bytes")
         media += [col[r].as_py() for r in rows]
         small.append(t.drop_columns(["bytes"]).take(rows))
-    names = [c for c in small[0].column_names] if small else ["id"]
-    table = pa.concat_tables(small).take(which) if small else None
-    out: dict[str, np.ndarray] = {c: (table.column(c).to_numpy(zero_copy_only=False) if table
-                                      else np.asarray([], dtype=object)) for c in names}
-    if len(ids) and not np.array_equal(out["id"].astype(str), ids.astype(str)):
+    table = pa.concat_tables(small).take(which)  # (a segment is never empty: `segments`)
+    out = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    if not np.array_equal(out["id"].astype(str), ids.astype(str)):
         raise ValueError("the stream's row groups hold other media than planned: the store "
                          "changed after the stage was planned")
     out["bytes"] = np.empty(len(which), dtype=object)

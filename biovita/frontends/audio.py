@@ -78,7 +78,7 @@ def to_mono(wave: np.ndarray) -> np.ndarray:
         return wave
     if wave.shape[0] == 1:
         return wave[0]
-    out = wave[0] + wave[1] if wave.dtype.kind == "f" else wave[0] + wave[1].astype(np.float32)
+    out = np.add(wave[0], wave[1], dtype=np.float32)
     for channel in wave[2:]:
         out += channel
     out /= np.float32(wave.shape[0])
