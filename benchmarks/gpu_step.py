@@ -135,8 +135,9 @@ def biovita_forward_backward(run, batch: dict) -> None:
 # ----------------------------------------------------------------------------- bare loops
 
 
-def bare_loop(stage: str, init: str, batch: int, device: str, compiled: bool):
-    """The authors' step on the same model: (step function, trainable parameter count)."""
+def bare_loop(stage: str, init: str, batch: int, device: str, backend: str | None):
+    """The authors' step on the same model, its trainable towers compiled with torch.compile's
+    `backend` (None: eager): (step function, trainable parameter count)."""
     import torch
 
     from biovita.config import Stage2Config, StageConfig
@@ -149,10 +150,10 @@ def bare_loop(stage: str, init: str, batch: int, device: str, compiled: bool):
     groups = freeze.param_groups(model, st, StageConfig(lr=1e-4), Stage2Config())
     opt = torch.optim.AdamW(groups, fused=True)
     params = [p for g in groups for p in g["params"]]
-    if compiled:
-        model.audio.compile()
+    if backend:
+        model.audio.compile(backend=backend)
         if "text" not in st.frozen:  # phase 2 trains the text tower
-            model.clip.transformer.compile()
+            model.clip.transformer.compile(backend=backend)
     tok = model.tokenizer()
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
@@ -179,10 +180,10 @@ def bare_loop(stage: str, init: str, batch: int, device: str, compiled: bool):
 
 
 def time_bare(stage: str, init: str, batch: int, steps: int, device: str, data: list[dict],
-              compiled: bool) -> dict:
+              backend: str | None) -> dict:
     import torch
 
-    step, trainable = bare_loop(stage, init, batch, device, compiled)
+    step, trainable = bare_loop(stage, init, batch, device, backend)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -201,7 +202,7 @@ def time_bare(stage: str, init: str, batch: int, steps: int, device: str, data: 
         sync()
     window.at(3, 0)
     flops = count_flops(lambda: step(data[0]))
-    return row("bare compiled" if compiled else "bare eager", stage, batch, statistics.median(times),
+    return row("bare compiled" if backend else "bare eager", stage, batch, statistics.median(times),
                flops, device, trainable, window.result())
 
 
@@ -353,6 +354,9 @@ def main() -> None:
     p.add_argument("--large", type=int, default=256, help="a larger batch for both (0: none)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     p.add_argument("--max-batch", type=int, default=1024, help="largest batch tried (GPU only)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the bare compiled loop (aot_eager: the same graphs "
+                        "without code generation, a quick check of the script on a CPU)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -363,7 +367,8 @@ def main() -> None:
     from biovita.models.factory import create_model
 
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-              "model": a.model, "torch": torch.__version__, "rows": []}
+              "model": a.model, "torch": torch.__version__, "compile_backend": a.compile_backend,
+              "rows": []}
     sizes = dict(zip(stages(), (int(x) for x in a.batches.split(","))))
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
@@ -374,8 +379,8 @@ def main() -> None:
             for batch in [sizes[stage]] + ([a.large] if a.large else []):
                 data = batches(a.steps + 5, batch, frozen)
                 for fn in (lambda: time_biovita(stage, init, a.model, batch, a.steps, out, device, data),
-                           lambda: time_bare(stage, init, batch, a.steps, device, data, compiled=False),
-                           lambda: time_bare(stage, init, batch, a.steps, device, data, compiled=True)):
+                           lambda: time_bare(stage, init, batch, a.steps, device, data, None),
+                           lambda: time_bare(stage, init, batch, a.steps, device, data, a.compile_backend)):
                     report["rows"].append(fn())
                     print(json.dumps(report["rows"][-1]), flush=True)
                     save(report, a.json)  # each row as it comes: a run cut short keeps its rows
