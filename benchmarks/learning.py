@@ -16,7 +16,7 @@ full recipe against each variant. Finished stages are reused on a re-run (the ru
 folders under --out), so an interrupted run resumes. Every stage is an MLflow run in the
 experiment `biovita-learning`.
 
-    python benchmarks/learning.py [--seeds 0 1 2] [--out runs/learning] [--json OUT]
+    python benchmarks/learning.py [--seeds 0 1 2] [--ablations no_aic ...] [--out runs/learning] [--json OUT]
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ DIRS = ("A2T", "T2A", "A2I", "I2A", "I2T", "T2I")
 LEVELS = ("species", "genus", "family")
 
 
-def seed_models(seed: int, out: Path, extra: list[str]) -> tuple[dict[str, str], object]:
-    """Train the recipe and the ablations for one seed; {variant: model URI}, the config."""
+def seed_models(seed: int, out: Path, extra: list[str], ablations=tuple(VARIANTS)
+                ) -> tuple[dict[str, str], object]:
+    """Train the recipe and `ablations` for one seed; {variant: model URI}, the config."""
     from biovita.config import load_config
     from biovita.train.chain import ensure_data, run_chain
     from biovita.train.driver import save_init
@@ -61,7 +62,8 @@ def seed_models(seed: int, out: Path, extra: list[str]) -> tuple[dict[str, str],
     tracker.end()
     got = {"stage1": models["stage1"], "no_phase2": models["stage2.phase1"],
            "full": models["stage2.phase2"]}
-    for name, (overrides, stages, start) in VARIANTS.items():
+    for name in ablations:
+        overrides, stages, start = VARIANTS[name]
         vcfg = load_config("default", [*base, *overrides, f"train.run_name=seed{seed}-{name}"])
         tracker = Tracker.for_job(vcfg)
         got[name] = run_chain(vcfg, tracker, [get_stage(s) for s in stages], models[start])[stages[-1]]
@@ -93,10 +95,15 @@ def top1(result: dict, level: str, d: str) -> float:
     return 100 * result[level][d]["top1"]
 
 
+def variants(per_seed: list[dict]) -> list[str]:
+    """The variants scored, in the tables' order."""
+    return [v for v in ORDER if v in per_seed[0]["seen"]]
+
+
 def table(per_seed: list[dict], split: str, level: str) -> str:
     head = f"{split + ' / ' + level:<22}" + "".join(f"{d:>13}" for d in DIRS) + f"{'avg':>13}"
     lines = [head, "-" * len(head)]
-    for v in ORDER:
+    for v in variants(per_seed):
         cells = []
         for d in (*DIRS, "avg"):
             vals = [top1(r[split][v], level, d) for r in per_seed]
@@ -117,7 +124,7 @@ def paired_table(per_seed: list[dict]) -> str:
     cols = [(split, d) for split in ("seen", "unseen") for d in ("avg", "A2I", "I2A")]
     head = f"{'full - variant':<22}" + "".join(f"{s + ' ' + d:>14}" for s, d in cols)
     lines = [head, "-" * len(head)]
-    for v in ORDER:
+    for v in variants(per_seed):
         if v != "full":
             cells = [paired(per_seed, s, "full", v, d)[:2] for s, d in cols]
             lines.append(f"{v:<22}" + "".join(f"{m:>+8.1f}±{sd:<5.1f}" for m, sd in cells))
@@ -130,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=str(ROOT / "runs" / "learning"))
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "learning.json"))
+    p.add_argument("--ablations", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="the ablations trained beside the recipe (default: all)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="for every run (smoke tests)")
     a = p.parse_args(argv)
 
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
     with open(out / "bench_tables.log", "a") as log:
         for seed in a.seeds:
             t0 = time.time()
-            models, cfg = seed_models(seed, out, a.overrides)
+            models, cfg = seed_models(seed, out, a.overrides, a.ablations)
             per_seed.append(score(cfg, models, out / f"seed{seed}", log))
             seconds[seed] = round(time.time() - t0)
             print(f"seed {seed}: {seconds[seed]} s", flush=True)
@@ -169,9 +178,9 @@ def main(argv=None) -> int:
             "seeds": a.seeds, "seconds": seconds,
             "full_minus": {v: {f"{s}/{d}": dict(zip(("mean", "sd", "per_seed"), paired(per_seed, s, "full", v, d)))
                                for s in ("seen", "unseen") for d in ("avg", *DIRS)}
-                           for v in ORDER if v != "full"},
+                           for v in variants(per_seed) if v != "full"},
             "top1": [{split: {v: {lvl: {d: top1(r[split][v], lvl, d) for d in DIRS} for lvl in LEVELS}
-                              for v in ORDER} for split in ("seen", "unseen")} for r in per_seed],
+                              for v in variants(per_seed)} for split in ("seen", "unseen")} for r in per_seed],
             "queries": [{split: {lvl: {d: r[split]["full"][lvl][d]["n"] for d in DIRS} for lvl in LEVELS}
                          for split in ("seen", "unseen")} for r in per_seed[:1]]}, indent=1))
         print(f"results: {a.json}")
