@@ -36,7 +36,7 @@ def _batches(n: int) -> list[dict]:
              "epoch": 0} for _ in range(n)]
 
 
-def _run(init: str, stage: str, out: Path, *overrides: str):
+def _run(init: str, stage: str, out: Path, *overrides: str, resume: str | None = None):
     from biovita.config import load_config
     from biovita.train.loop import LocalIO, StageJob, StageRun
     from biovita.train.stages import get_stage
@@ -47,7 +47,7 @@ def _run(init: str, stage: str, out: Path, *overrides: str):
                              "stage2.baseline_batches=1", *overrides])
     job = StageJob(config=cfg, stage=stage, steps_per_epoch=100, init_checkpoint=init,
                    export_to=str(out / "model"))
-    return StageRun(job, LocalIO(_batches(14), out))
+    return StageRun(job, LocalIO(_batches(14), out, resume))
 
 
 # what reads a tensor back to the host (on a GPU: waits for the device)
@@ -124,3 +124,30 @@ def test_compile_under_zero3_is_refused_before_training():
     assert not load_config(None, ["data.synth_if_missing=true"]).train.compiles()  # off on CPUs
     assert load_config(None, ["data.synth_if_missing=true", "train.use_gpu=true"]).train.compiles()
 
+
+
+def test_checkpoints_leave_frozen_towers_out_and_resume_whole(init, tmp_path):
+    """A checkpoint holds what the stage trains, not its frozen towers (the starting model
+    has them); a run resumed from it has every parameter of the run that wrote it. A
+    checkpoint that lacks a trained parameter is refused as damaged."""
+    from biovita.errors import CheckpointError
+    from biovita.train.engine import DS_TAG, _load_module
+
+    first = _run(init, "stage1", tmp_path / "a", "stage1.max_steps=2", "train.log_every=1")
+    first.run()
+    ckpt = tmp_path / "a" / "checkpoint_1"
+    saved = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)
+    names = dict(first.module.named_parameters())
+    frozen = {n for n, p in names.items() if not p.requires_grad}
+    assert any(n.startswith("clip.visual.") for n in frozen) and any(n.startswith("audio") for n in
+                                                                     set(names) - frozen)
+    assert not frozen & set(saved["module"]) and set(names) - frozen <= set(saved["module"])
+    assert not saved.get("frozen_param_fragments")
+
+    resumed = _run(init, "stage1", tmp_path / "b", "stage1.max_steps=2", resume=str(ckpt))
+    assert resumed.state["step"] == 2
+    for n, p in resumed.module.named_parameters():
+        assert torch.equal(p, names[n]), n
+    trained = next(n for n in saved["module"] if n in names and n not in frozen)
+    with pytest.raises(CheckpointError, match="missing"):
+        _load_module({k: v for k, v in saved["module"].items() if k != trained}, resumed.module)
