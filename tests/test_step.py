@@ -126,28 +126,33 @@ def test_compile_under_zero3_is_refused_before_training():
 
 
 
-def test_checkpoints_leave_frozen_towers_out_and_resume_whole(init, tmp_path):
-    """A checkpoint holds what the stage trains, not its frozen towers (the starting model
-    has them); a run resumed from it has every parameter of the run that wrote it. A
-    checkpoint that lacks a trained parameter is refused as damaged."""
-    from biovita.errors import CheckpointError
-    from biovita.train.engine import DS_TAG, _load_module
 
-    first = _run(init, "stage1", tmp_path / "a", "stage1.max_steps=2", "train.log_every=1")
+@pytest.mark.parametrize("stage", ["stage1", "stage2.phase2"])
+def test_checkpoints_leave_frozen_towers_out_and_resume_whole(init, tmp_path, stage):
+    """A checkpoint holds what the stage trains, not its frozen towers (the starting model
+    has them), and keeps a role whose start step has not come (phase 2's upper audio here);
+    a run resumed from it has every parameter of the run that wrote it. A checkpoint that
+    lacks a trained parameter is refused as damaged."""
+    from biovita.errors import CheckpointError
+    from biovita.train.engine import DS_TAG
+    from biovita.train.stages import get_stage
+
+    args = (f"{get_stage(stage).section}.max_steps=2", "stage2.upper_audio_unfreeze_step=50")
+    first = _run(init, stage, tmp_path / "a", *args)
     first.run()
     ckpt = tmp_path / "a" / "checkpoint_1"
-    saved = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)
+    saved = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     names = dict(first.module.named_parameters())
-    frozen = {n for n, p in names.items() if not p.requires_grad}
-    assert any(n.startswith("clip.visual.") for n in frozen) and any(n.startswith("audio") for n in
-                                                                     set(names) - frozen)
-    assert not frozen & set(saved["module"]) and set(names) - frozen <= set(saved["module"])
-    assert not saved.get("frozen_param_fragments")
+    frozen = first.eng.frozen_names()
+    assert any(n.startswith("clip.visual.") for n in frozen)
+    assert not frozen & set(saved) and set(names) - frozen <= set(saved)
+    if stage == "stage2.phase2":  # the upper audio waits for its step: no gradient yet, kept
+        assert any(not p.requires_grad and n not in frozen for n, p in names.items())
 
-    resumed = _run(init, "stage1", tmp_path / "b", "stage1.max_steps=2", resume=str(ckpt))
+    resumed = _run(init, stage, tmp_path / "b", *args, resume=str(ckpt))
     assert resumed.state["step"] == 2
     for n, p in resumed.module.named_parameters():
         assert torch.equal(p, names[n]), n
-    trained = next(n for n in saved["module"] if n in names and n not in frozen)
+    trained = next(n for n in saved if n in names and n not in frozen)
     with pytest.raises(CheckpointError, match="missing"):
-        _load_module({k: v for k, v in saved["module"].items() if k != trained}, resumed.module)
+        resumed.eng._load_module({k: v for k, v in saved.items() if k != trained}, resumed.module)

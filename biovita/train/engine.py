@@ -81,6 +81,7 @@ class Engine:
 
         self.cfg, self.rank = cfg, rank
         self.device = device or torch.device("cpu")
+        self.trained = [p for g in groups for p in g["params"]]  # (a role may start late)
         # ZeRO-3 hands the optimizer partitions that live on other devices between steps:
         # the fused kernel is for ZeRO 0-2, whose flat fp32 partitions stay put
         opt = StagedAdamW(groups, betas=betas, eps=eps, fused=cfg.train.zero_stage < 3)
@@ -161,8 +162,17 @@ class Engine:
         rank 0 the loop state (JSON) beside them. Frozen parameters are left out: they are the
         stage's starting model's, which every (re)start loads before its checkpoint (under
         ZeRO-2 they were written twice: stage 1 of `bioclip2_clap` freezes 428 M parameters)."""
-        self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={"biovita": state},
-                                    exclude_frozen_parameters=True)
+        # DeepSpeed leaves out what does not require grad now, which includes the roles whose
+        # start step has not come yet (`freeze.apply_delays`): those are trained, so kept
+        flags = [p.requires_grad for p in self.trained]
+        for p in self.trained:
+            p.requires_grad_(True)
+        try:
+            self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={"biovita": state},
+                                        exclude_frozen_parameters=True)
+        finally:
+            for p, flag in zip(self.trained, flags):
+                p.requires_grad_(flag)
         if self.rank == 0:
             Path(directory, STATE_FILE).write_text(json.dumps(state))
         write_manifest(directory, self.rank)
@@ -172,19 +182,22 @@ class Engine:
         manifests list is missing, cut short or changed), before anything is loaded."""
         check_manifests(directory)
         self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False,
-                                    custom_load_fn=_load_module)
+                                    custom_load_fn=self._load_module)
         return json.loads(Path(directory, STATE_FILE).read_text())
 
+    def frozen_names(self) -> set[str]:
+        """The parameters the stage never trains (left out of its checkpoints)."""
+        trained = {id(p) for p in self.trained}
+        return {n for n, p in self.module.named_parameters() if id(p) not in trained}
 
-def _load_module(src: dict, dst: torch.nn.Module) -> None:
-    """A checkpoint's module state into the model: it may lack only frozen parameters (`save`
-    leaves them out); any other key missing or unknown is a CheckpointError."""
-    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
-    result = dst.load_state_dict(src, strict=False)
-    missing = sorted(set(result.missing_keys) - frozen)
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"the checkpoint's model does not fit the stage's: missing "
-                              f"{missing[:3]}, unknown {list(result.unexpected_keys)[:3]}")
+    def _load_module(self, src: dict, dst: torch.nn.Module) -> None:
+        """A checkpoint's module state into the model: it may lack only the frozen parameters
+        (`save` leaves them out); any other key missing or unknown is a CheckpointError."""
+        result = dst.load_state_dict(src, strict=False)
+        missing = sorted(set(result.missing_keys) - self.frozen_names())
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"the checkpoint's model does not fit the stage's: missing "
+                                  f"{missing[:3]}, unknown {list(result.unexpected_keys)[:3]}")
 
 
 MANIFEST = "manifest-rank{}.json"
