@@ -125,8 +125,6 @@ def test_compile_under_zero3_is_refused_before_training():
     assert load_config(None, ["data.synth_if_missing=true", "train.use_gpu=true"]).train.compiles()
 
 
-
-
 @pytest.mark.parametrize("stage", ["stage1", "stage2.phase2"])
 def test_checkpoints_leave_frozen_towers_out_and_resume_whole(init, tmp_path, stage):
     """A checkpoint holds what the stage trains, not its frozen towers (the starting model
@@ -141,7 +139,7 @@ def test_checkpoints_leave_frozen_towers_out_and_resume_whole(init, tmp_path, st
     first = _run(init, stage, tmp_path / "a", *args)
     first.run()
     ckpt = tmp_path / "a" / "checkpoint_1"
-    saved = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    saved = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     names = dict(first.module.named_parameters())
     frozen = first.eng.frozen_names()
     assert any(n.startswith("clip.visual.") for n in frozen)
