@@ -139,9 +139,8 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return {name: d.tune() for name, d in spec.params.items()}
 
 
-def trial_config(base: Config, params: dict[str, Any], trial_id: str, storage: str) -> Config:
-    """The base config with a trial's parameters (its paths and tracking URI stay the
-    driver's absolute ones)."""
+def with_params(base: Config, params: dict[str, Any]) -> Config:
+    """The base config with `params` ({"stage1.lr": 1e-4, ...}) set, validated."""
     d = copy.deepcopy(base.to_dict())
     for name, v in params.items():
         node = d
@@ -149,7 +148,13 @@ def trial_config(base: Config, params: dict[str, Any], trial_id: str, storage: s
         for p in parents:
             node = node[p]
         node[leaf] = v
-    cfg = config_from_dict(d).validate()
+    return config_from_dict(d).validate()
+
+
+def trial_config(base: Config, params: dict[str, Any], trial_id: str, storage: str) -> Config:
+    """The base config with a trial's parameters (its paths and tracking URI stay the
+    driver's absolute ones; a failed trial is Tune's to retry, not Ray Train's)."""
+    cfg = with_params(base, params)
     cfg.train.run_name = f"trial-{trial_id}"
     cfg.train.storage_path = storage
     cfg.train.max_failures = 0
@@ -285,9 +290,9 @@ def run_sweep(spec: SweepSpec, base: Config) -> dict:
     if not good:
         raise RuntimeError(f"no trial reported the metric; see the trial logs under "
                            f"{spec.storage_path}/{spec.name}")
-    best_cfg = trial_config(base, {k: good[0][k] for k in spec.params}, "best", spec.storage_path)
+    # the base with the winning values: a trial's own settings (no Ray Train retries) stay out
+    best_cfg = with_params(base, {k: good[0][k] for k in spec.params})
     best_cfg.train.run_name = f"{spec.name}-best"
-    best_cfg.train.storage_path = base.train.storage_path
     best_cfg.train.validation = ""  # the final run trains on every training medium
     out_dir = Path(spec.storage_path if not is_remote(spec.storage_path) else "results") / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
