@@ -1,6 +1,8 @@
 """The published architecture (ViT-L-14 + CLAP HTS-AT, random weights) trains: one optimizer
 step of stage 1 and one of stage-2 phase 2 through Ray Train + DeepSpeed on CPU, batch 2."""
 
+import shutil
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -31,3 +33,4 @@ def test_real_architecture_trains_a_step_of_stage1_and_of_phase2(ray_local, tmp_
     meta = read_meta(phase2)
     assert meta["metadata"]["step"] == 1 and meta["arch"]["clip_config"]["embed_dim"] == 768
     assert meta["metadata"]["baseline_atc"] > 0
+    shutil.rmtree(tmp_path / "runs")  # ~7 GiB of ViT-L/14 models and checkpoints, kept only on failure
