@@ -154,3 +154,30 @@ def test_checkpoints_leave_frozen_towers_out_and_resume_whole(init, tmp_path, st
     trained = next(n for n in saved if n in names and n not in frozen)
     with pytest.raises(CheckpointError, match="missing"):
         resumed.eng._load_module({k: v for k, v in saved.items() if k != trained}, resumed.module)
+
+
+def test_stream_fetches_its_first_batch_before_it_is_asked():
+    """The first batch is fetched while the engine is built; a stream's error is raised where
+    the batch is asked for, and an empty stream stays empty."""
+    import threading
+
+    from biovita.train.loop import started
+
+    fetched = threading.Event()
+
+    def stream():
+        fetched.set()
+        yield from (1, 2, 3)
+
+    items = started(stream())
+    assert fetched.wait(timeout=60)  # before anything asked for it
+    assert list(items) == [1, 2, 3]
+
+    def broken():
+        raise OSError("shard unreadable")
+        yield
+
+    items = started(broken())
+    with pytest.raises(OSError, match="shard unreadable"):
+        next(items)
+    assert list(started(iter(()))) == []

@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,9 @@ class StageRun:
         self.settings = self.stage.settings(self.cfg)
         self.s2 = s2 = self.cfg.stage2
         torch.manual_seed(self.cfg.train.seed * 1000 + io.rank)  # once, before any module init
+        # the stream starts now: its decoders start and decode the first batch while the model
+        # loads and the engine is built (its start epoch is the driver's, not the checkpoint's)
+        self.stream = started(io.batches(self.settings.batch_size, self.cfg.train.prefetch_batches))
         self.logger = job.mlflow if io.rank == 0 else None
         model = load_biovita(fetch_dir(job.init_checkpoint))
         model.train()
@@ -260,8 +264,7 @@ class StageRun:
         (the end of one epoch can share a batch with the start of the next)."""
         cfg, s = self.cfg, self.state
         k = cfg.train.accum_freq
-        batches = iter(()) if s["step"] >= self.total_steps else self.io.batches(
-            self.settings.batch_size, cfg.train.prefetch_batches)
+        batches = iter(()) if s["step"] >= self.total_steps else self.stream
         if self.stage.measures_baseline and s.get("baseline_atc") is None:
             batches = self._measure_baseline(batches)
         self.meter = _Meter(self.settings.batch_size * self.io.world * k, s["step"])
@@ -482,6 +485,30 @@ class StageRun:
             self.io.report(metrics, d)
         if self.io.rank == 0 and self.job.progress_to:  # after the checkpoint is persisted
             write_progress(self.job.progress_to, s)
+
+
+def started(items: Iterator) -> Iterator:
+    """`items`, its first item fetched from now on in a thread of its own."""
+    first: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            first["item"] = next(items, None)
+        except BaseException as e:  # raised where the item is asked for
+            first["error"] = e
+
+    thread = threading.Thread(target=fetch, name="biovita-first-batch", daemon=True)
+    thread.start()
+
+    def rest() -> Iterator:
+        thread.join()
+        if "error" in first:
+            raise first["error"]
+        if first["item"] is not None:
+            yield first["item"]
+            yield from items
+
+    return rest()
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
