@@ -36,7 +36,9 @@ def synth_store(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (4 logical CPUs on 2 cores: Ray Data's
-    decode tasks must be schedulable next to the training workers)."""
+    decode tasks must be schedulable next to the training workers). The tests' training
+    streams run 2 decoders (`data.decode_concurrency=2`): the default, one per free logical
+    CPU, starts 6 processes at every stage on these 2 cores."""
     import ray
 
     ray.init(num_cpus=4, object_store_memory=int(6e8), include_dashboard=True,

@@ -94,7 +94,7 @@ def _cfg(root, tmp_path, *extra):
         f"data.root={root}", f"train.storage_path={tmp_path / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.num_workers=1",
         "train.cpus_per_worker=1", "train.log_every=1", "stage1.batch_size=4", "stage0.batch_size=8",
-        *extra])
+        "data.decode_concurrency=2", *extra])
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ def _args(tmp_path, name: str) -> list[str]:
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.system_metrics=false",
             "stage0.enabled=false", "stage1.epochs=2", "stage1.max_steps=10", "stage1.batch_size=4",
             "stage2.phase1.epochs=0", "stage2.phase2.epochs=0", "train.checkpoint_every=2",
-            "train.log_every=1", "train.cpus_per_worker=1", "--no-bench"]
+            "train.log_every=1", "train.cpus_per_worker=1", "data.decode_concurrency=2", "--no-bench"]
 
 
 def _wait_for_step(tmp_path, name: str, step: int, proc=None, timeout: float = 300) -> None:

@@ -20,7 +20,7 @@ TINY = ["stage0.epochs=1", "stage0.max_steps=3", "stage0.batch_size=8",
         "stage1.epochs=1", "stage1.max_steps=3", "stage1.batch_size=8",
         "stage2.phase1.epochs=1", "stage2.phase1.max_steps=2", "stage2.phase1.batch_size=8",
         "stage2.phase2.epochs=1", "stage2.phase2.max_steps=2", "stage2.phase2.batch_size=8",
-        "train.log_every=1", "stage2.baseline_batches=2"]
+        "train.log_every=1", "stage2.baseline_batches=2", "data.decode_concurrency=2"]
 
 
 def test_ray_job_submit_main_job(synth_store, tmp_path):

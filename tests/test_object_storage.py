@@ -36,7 +36,8 @@ def test_checkpoints_and_models_on_s3(s3, ray_local, synth_store, tmp_path):
     root, _ = synth_store
     cfg = load_config(None, [f"data.root={root}", "train.storage_path=s3://biovita/runs",
                              "train.run_name=s3run", "stage0.max_steps=3", "stage0.batch_size=8",
-                             "train.checkpoint_every=2", "mlflow.enabled=false"])
+                             "train.checkpoint_every=2", "mlflow.enabled=false",
+                             "data.decode_concurrency=2"])
     out = run_stage(cfg, "stage0", save_init(cfg), Tracker.for_job(cfg))
     assert out == "s3://biovita/runs/s3run/models/stage0"
     assert path_exists(f"{out}/model.safetensors")

@@ -18,7 +18,8 @@ def _cfg(root, tmp_path, *extra):
         f"data.root={root}", f"train.storage_path={tmp_path / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.num_workers=2",
         "train.cpus_per_worker=1", "train.zero_stage=2", "train.log_every=2",
-        "stage0.batch_size=8", "stage0.lr=1e-3", "stage0.images_per_species=12", *extra])
+        "stage0.batch_size=8", "stage0.lr=1e-3", "stage0.images_per_species=12",
+        "data.decode_concurrency=2", *extra])
 
 
 def _history(cfg, stage, key):

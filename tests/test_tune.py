@@ -21,7 +21,7 @@ def _space(tmp_path, root, params, tracking=True, **extra):
                       *([f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if tracking else []),
                       f"train.storage_path={tmp_path / 'runs'}", "stage0.epochs=1", "stage0.max_steps=2",
                       "stage0.batch_size=8", "stage1.epochs=1", "stage1.max_steps=4", "stage1.batch_size=4",
-                      "train.log_every=1"],
+                      "train.log_every=1", "data.decode_concurrency=2"],
         "stages": ["stage1"], "num_samples": 2, "max_concurrent_trials": 1,
         "asha": {"grace_period": 1, "reduction_factor": 2}, "name": "tsweep",
         "storage_path": str(tmp_path / "sweeps"), "params": params, **extra}
